@@ -1,0 +1,445 @@
+"""Denoising diffusion probabilistic models: DDPM and Improved DDPM.
+
+Papers:
+- Ho, Jain, Abbeel, "Denoising Diffusion Probabilistic Models", 2020, arXiv:2006.11239.
+- Nichol, Dhariwal, "Improved Denoising Diffusion Probabilistic Models", 2021, arXiv:2102.09672.
+- Song, Meng, Ermon, "Denoising Diffusion Implicit Models", 2021, arXiv:2010.02502 (DDIM sampling).
+- Salimans, Ho, "Progressive Distillation for Fast Sampling of Diffusion Models", 2022,
+  arXiv:2202.00512 (v prediction, section 4).
+
+What is implemented:
+- the forward (noising) process q(x_t | x_0) with the linear schedule of Ho et al. and the cosine
+  schedule of Improved DDPM (eq. 17), kept in float64;
+- the reverse process p(x_{t-1} | x_t) with eps, x_0 or v prediction and fixed-small (beta_tilde),
+  fixed-large (beta) or learned-range variance (Improved DDPM eq. 15);
+- the losses L_simple (Ho eq. 14), L_vlb (Ho eq. 5, with the discretized Gaussian decoder of
+  section 3.3) and L_hybrid = L_simple + 0.001 L_vlb (Improved DDPM eq. 16) with the stop-gradient
+  on the mean inside the vlb term, and importance sampling of t for L_vlb (Improved DDPM eq. 18);
+- the exact VLB in bits/dim (all T terms, the prior term L_T and the decoder term L_0);
+- ancestral sampling (Ho algorithm 2), respaced sampling on a subsequence of steps (Improved DDPM
+  section 4: the betas are rebuilt from the kept alpha_bar) and DDIM sampling with eta (Song et al.
+  eq. 12); the model always sees the ORIGINAL time indices 0..T-1;
+- Ho et al.'s U-Net and its Improved DDPM variant (scale-shift norm, multi-head attention, a
+  second output for the variance), with the papers' CIFAR-10 presets.
+
+Deviations and choices (stated openly):
+- Time steps are indexed 0..T-1 in code; the paper's t = 1..T is code t + 1.
+- While sampling, the predicted x_0 is clipped to [-1, 1] (Ho et al.'s and Nichol & Dhariwal's
+  released code does this; the papers do not mention it). It keeps the mean inside the data range
+  when the network's x_0 estimate is poor at large t. `clip_denoised=False` turns it off; the VLB
+  evaluation never clips, so it stays the exact bound.
+- The discretized decoder uses the exact normal CDF (erf) instead of the tanh approximation of
+  the released code.
+- `cond_fn` in the samplers is a hook for classifier guidance (Dhariwal & Nichol 2021, used by
+  guided.py); DDPM itself never passes one.
+
+Glossary (paper symbol -> code name; names used by other code in brackets):
+  T                   num_timesteps
+  beta_t              betas
+  alpha_t = 1-beta_t  alphas
+  alpha_bar_t         alpha_bar             [alphas_cumprod]
+  beta_tilde_t        posterior_variance    (Ho eq. 7)
+  mu_tilde_t          posterior mean        (Ho eq. 7)
+  eps, eps_theta      noise, model output under prediction="eps"
+  v                   sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0   (Salimans & Ho)
+  Sigma_theta         model variance; "v" of Improved DDPM eq. 15 is the model's extra output,
+                      here `var_frac` to keep it apart from the v of v prediction
+  L_t                 KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) in nats, per pixel mean
+"""
+
+import math
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --- diffusion process ---
+
+
+def make_beta_schedule(name, T):
+    """The noise schedule beta_1..beta_T as a float64 tensor of shape (T,).
+
+    "linear": Ho et al. section 4, beta from 1e-4 to 0.02 at T = 1000; for other T both ends are
+        scaled by 1000 / T (Improved DDPM, appendix / released code) so that alpha_bar_T stays
+        close to the T = 1000 value.
+    "cosine": Improved DDPM eq. 17, alpha_bar(t) = f(t) / f(0) with
+        f(t) = cos((t/T + s) / (1 + s) * pi/2)^2, s = 0.008, and
+        beta_t = 1 - alpha_bar(t) / alpha_bar(t-1), clipped at 0.999 to avoid the singularity
+        at t = T.
+    """
+    if not isinstance(T, int) or T < 1:
+        raise ValueError(f"T must be a positive int, got {T!r}")
+    if name == "linear":
+        scale = 1000 / T
+        return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
+    if name == "cosine":
+        s = 0.008
+        f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # f(0) cancels in ratios
+        betas = [min(1 - f(t + 1) / f(t), 0.999) for t in range(T)]
+        return torch.tensor(betas, dtype=torch.float64)
+    raise ValueError(f"unknown beta schedule {name!r}; use 'linear' or 'cosine'")
+
+
+def _gather(a, t, x):
+    """a[t] for a (T,) float64 table and (B,) long t, cast to x's dtype, shape (B, 1, ..., 1)."""
+    return a.to(x.device)[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def _model_device(model):
+    """The device of a module's first parameter; CPU for plain callables or parameterless modules."""
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """log p(x) for images x in [-1, 1] quantized to 256 levels, under N(mean, e^{2 log_scale}).
+
+    Ho et al. eq. 13: each level owns a bin of width 2/255 around it; the edge bins extend to
+    -inf and +inf so that the 256 bin probabilities sum to 1. Elementwise, in nats.
+    """
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = torch.special.ndtr(inv_std * (x - mean + 1 / 255))
+    cdf_min = torch.special.ndtr(inv_std * (x - mean - 1 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def space_timesteps(T, steps):
+    """`steps` time indices spread evenly over 0..T-1, always keeping 0 and T-1 (for steps > 1)."""
+    if not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ValueError(f"steps must be an int in 1..{T}, got {steps!r}")
+    if steps == 1:
+        return [T - 1]
+    return sorted({round(i * (T - 1) / (steps - 1)) for i in range(steps)})
+
+
+class GaussianDiffusion:
+    """The forward process q and the reverse process p around an arbitrary model (Ho et al. 2020).
+
+    A plain object, not a module: its tables are float64 and stay outside the model's state dict,
+    so they are neither cast by autocast nor saved (they follow from the config).
+
+    Args:
+        betas: (T,) schedule, from `make_beta_schedule`.
+        prediction: what the model predicts: "eps" (Ho eq. 11), "x_0", or "v" (Salimans & Ho).
+        variance: "fixed_small" (sigma^2 = beta_tilde), "fixed_large" (sigma^2 = beta; Ho section
+            3.2) or "learned_range" (Improved DDPM eq. 15; the model returns 2C channels).
+        loss: "simple" (Ho eq. 14), "hybrid" (Improved DDPM eq. 16) or "vlb" (Ho eq. 5).
+        timestep_map: (T,) original time index of each step; set by `respace`, identity otherwise.
+    """
+
+    def __init__(self, betas, prediction="eps", variance="fixed_small", loss="simple", timestep_map=None):
+        if prediction not in ("eps", "x_0", "v"):
+            raise ValueError(f"unknown prediction {prediction!r}; use 'eps', 'x_0' or 'v'")
+        if variance not in ("fixed_small", "fixed_large", "learned_range"):
+            raise ValueError(f"unknown variance {variance!r}; use 'fixed_small', 'fixed_large' or 'learned_range'")
+        if loss not in ("simple", "hybrid", "vlb"):
+            raise ValueError(f"unknown loss {loss!r}; use 'simple', 'hybrid' or 'vlb'")
+        self.prediction, self.variance, self.loss_type = prediction, variance, loss
+        self.betas = torch.as_tensor(betas, dtype=torch.float64)
+        assert self.betas.dim() == 1 and (self.betas > 0).all() and (self.betas <= 1).all()
+        self.num_timesteps = T = len(self.betas)
+        self.timestep_map = torch.arange(T) if timestep_map is None else torch.as_tensor(timestep_map, dtype=torch.long)
+        self.alphas = 1.0 - self.betas
+        self.alpha_bar = torch.cumprod(self.alphas, 0)                        # alpha_bar_t = prod_s alpha_s
+        self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+        self.sqrt_alpha_bar = self.alpha_bar.sqrt()
+        self.sqrt_one_minus_alpha_bar = (1.0 - self.alpha_bar).sqrt()
+        # Ho eq. 7: beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t
+        self.posterior_variance = self.betas * (1.0 - self.alpha_bar_prev) / (1.0 - self.alpha_bar)
+        # beta_tilde_0 = 0; its log is clipped to beta_tilde_1, as in the released code (Improved
+        # DDPM eq. 15 interpolates in log space, which needs a finite lower end at t = 0)
+        post_var_1 = self.posterior_variance[1] if T > 1 else self.betas[0]
+        self.posterior_log_variance_clipped = torch.log(torch.cat([post_var_1.reshape(1), self.posterior_variance[1:]]))
+        # Ho eq. 7: mu_tilde_t = coef1 x_0 + coef2 x_t
+        self.posterior_mean_coef1 = self.betas * self.alpha_bar_prev.sqrt() / (1.0 - self.alpha_bar)
+        self.posterior_mean_coef2 = (1.0 - self.alpha_bar_prev) * self.alphas.sqrt() / (1.0 - self.alpha_bar)
+
+    # --- respacing ---
+
+    def respace(self, steps):
+        """A diffusion on `steps` evenly spaced time steps of this one (Improved DDPM section 4).
+
+        For kept indices S_1 < ... < S_K the new process keeps alpha_bar_{S_i} and rebuilds
+        beta_i = 1 - alpha_bar_{S_i} / alpha_bar_{S_{i-1}} (alpha_bar_{S_0} = 1), so sampling can
+        take fewer steps than training without retraining. `timestep_map` remembers S_i so the
+        model still sees the original time index.
+        """
+        if steps is None or steps == self.num_timesteps:
+            return self
+        kept = space_timesteps(self.num_timesteps, steps)
+        ab = self.alpha_bar[kept]
+        betas = 1.0 - ab / torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        return GaussianDiffusion(betas, self.prediction, self.variance, self.loss_type,
+                                 timestep_map=self.timestep_map[kept])
+
+    # --- forward process q ---
+
+    def q_sample(self, x_0, t, noise=None):
+        """Sample x_t ~ q(x_t | x_0) (Ho eq. 4): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
+
+        x_0: (B, C, H, W); t: (B,) long in 0..T-1; returns (B, C, H, W).
+        """
+        if noise is None:
+            noise = torch.randn_like(x_0)
+        return _gather(self.sqrt_alpha_bar, t, x_0) * x_0 + _gather(self.sqrt_one_minus_alpha_bar, t, x_0) * noise
+
+    def q_mean_variance(self, x_0, t):
+        """Mean, variance and log variance of q(x_t | x_0) (Ho eq. 4)."""
+        mean = _gather(self.sqrt_alpha_bar, t, x_0) * x_0
+        return mean, _gather(1.0 - self.alpha_bar, t, x_0), _gather(torch.log(1.0 - self.alpha_bar), t, x_0)
+
+    def q_posterior_mean_variance(self, x_0, x_t, t):
+        """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0) (Ho eq. 6-7).
+
+        mu_tilde_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0
+                     + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
+        beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t
+        """
+        mean = _gather(self.posterior_mean_coef1, t, x_t) * x_0 + _gather(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, _gather(self.posterior_variance, t, x_t), _gather(self.posterior_log_variance_clipped, t, x_t)
+
+    # --- conversions between the model's targets ---
+
+    def predict_x_0_from_eps(self, x_t, t, eps):
+        """Ho eq. 4 solved for x_0: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+        return (x_t - _gather(self.sqrt_one_minus_alpha_bar, t, x_t) * eps) / _gather(self.sqrt_alpha_bar, t, x_t)
+
+    def predict_eps_from_x_0(self, x_t, t, x_0):
+        """Ho eq. 4 solved for eps: eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t)."""
+        return (x_t - _gather(self.sqrt_alpha_bar, t, x_t) * x_0) / _gather(self.sqrt_one_minus_alpha_bar, t, x_t)
+
+    def predict_x_0_from_v(self, x_t, t, v):
+        """Salimans & Ho section 4: x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v."""
+        return _gather(self.sqrt_alpha_bar, t, x_t) * x_t - _gather(self.sqrt_one_minus_alpha_bar, t, x_t) * v
+
+    def training_target(self, x_0, t, noise):
+        """What the model regresses on under L_simple: eps, x_0, or v = sqrt(ab) eps - sqrt(1-ab) x_0."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x_0":
+            return x_0
+        return _gather(self.sqrt_alpha_bar, t, x_0) * noise - _gather(self.sqrt_one_minus_alpha_bar, t, x_0) * x_0
+
+    # --- reverse process p ---
+
+    def model_output_to_mean_variance(self, out, x_t, t, clip_denoised=False):
+        """Turn a raw model output into p(x_{t-1} | x_t) = N(mean, variance).
+
+        out: (B, C, H, W), or (B, 2C, H, W) under learned_range, whose second half is Improved
+        DDPM's v in [-1, 1] (eq. 15): log Sigma = v' log beta_t + (1 - v') log beta_tilde_t with
+        v' = (v + 1) / 2. The mean is mu_tilde(x_0_hat, x_t) (Ho eq. 7 with eq. 11's x_0 estimate),
+        which for eps prediction equals Ho eq. 11. Returns a dict of mean, variance, log_variance,
+        pred_x_0, pred_eps, each (B, C, H, W) in x_t's dtype.
+        """
+        C = x_t.shape[1]
+        if self.variance == "learned_range":
+            assert out.shape[1] == 2 * C, f"learned_range needs 2C = {2 * C} output channels, got {out.shape[1]}"
+            out, var_frac = out[:, :C], out[:, C:]
+            min_log = _gather(self.posterior_log_variance_clipped, t, x_t)
+            max_log = _gather(torch.log(self.betas), t, x_t)
+            frac = (var_frac + 1) / 2
+            log_variance = frac * max_log + (1 - frac) * min_log
+            variance = torch.exp(log_variance)
+        else:
+            assert out.shape[1] == C, f"fixed variance needs {C} output channels, got {out.shape[1]}"
+            if self.variance == "fixed_large":
+                # sigma^2 = beta_t; at t = 0 beta_tilde_1 instead, as in the released code, which
+                # gives the decoder L_0 a sensible width
+                table = torch.cat([self.posterior_variance[1:2], self.betas[1:]]) if self.num_timesteps > 1 else self.betas
+                variance, log_variance = _gather(table, t, x_t), _gather(torch.log(table), t, x_t)
+            else:  # fixed_small: sigma^2 = beta_tilde_t (0 at t = 0, where no noise is added)
+                variance = _gather(self.posterior_variance, t, x_t)
+                log_variance = _gather(self.posterior_log_variance_clipped, t, x_t)
+        if self.prediction == "eps":
+            pred_x_0 = self.predict_x_0_from_eps(x_t, t, out)
+        elif self.prediction == "x_0":
+            pred_x_0 = out
+        else:
+            pred_x_0 = self.predict_x_0_from_v(x_t, t, out)
+        if clip_denoised:
+            pred_x_0 = pred_x_0.clamp(-1, 1)
+        pred_eps = self.predict_eps_from_x_0(x_t, t, pred_x_0)
+        mean, _, _ = self.q_posterior_mean_variance(pred_x_0, x_t, t)
+        return {"mean": mean, "variance": variance, "log_variance": log_variance,
+                "pred_x_0": pred_x_0, "pred_eps": pred_eps}
+
+    def p_mean_variance(self, model, x_t, t, clip_denoised=True, model_kwargs=None):
+        """Run the model at step t of this process and return p(x_{t-1} | x_t) (see above).
+
+        The model is called as model(x_t, T_orig, **model_kwargs), T_orig the ORIGINAL time index
+        (it differs from t only for a respaced process). The output is cast to at least float32
+        for the maths, so a bf16 model never touches the schedule arithmetic.
+        """
+        out = model(x_t, self.timestep_map.to(x_t.device)[t], **(model_kwargs or {}))
+        dtype = torch.promote_types(x_t.dtype, torch.float32)
+        return self.model_output_to_mean_variance(out.to(dtype), x_t.to(dtype), t, clip_denoised)
+
+    # --- samplers ---
+
+    def condition_mean(self, cond_fn, p, x_t, t, model_kwargs=None):
+        """Shift the ancestral mean by Sigma grad_x log p(y | x_t) (Dhariwal & Nichol 2021, alg. 1).
+
+        A hook for classifier guidance (guided.py); cond_fn(x_t, t_orig, **model_kwargs) returns
+        the (scaled) gradient, shape of x_t.
+        """
+        grad = cond_fn(x_t, self.timestep_map.to(x_t.device)[t], **(model_kwargs or {}))
+        return p["mean"] + p["variance"] * grad.to(p["mean"].dtype)
+
+    def condition_score(self, cond_fn, p, x_t, t, model_kwargs=None):
+        """Shift eps by -sqrt(1 - alpha_bar_t) grad_x log p(y | x_t) (Dhariwal & Nichol 2021, alg. 2).
+
+        The DDIM counterpart of `condition_mean` (a score shift); returns updated pred_x_0, pred_eps.
+        """
+        grad = cond_fn(x_t, self.timestep_map.to(x_t.device)[t], **(model_kwargs or {}))
+        eps = p["pred_eps"] - _gather(self.sqrt_one_minus_alpha_bar, t, x_t) * grad.to(p["pred_eps"].dtype)
+        return self.predict_x_0_from_eps(x_t, t, eps), eps
+
+    def p_sample(self, model, x_t, t, clip_denoised=True, cond_fn=None, model_kwargs=None):
+        """One ancestral step x_{t-1} ~ p(x_{t-1} | x_t) (Ho algorithm 2, line 4):
+        x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I), with no noise at t = 0.
+
+        x_t: (B, C, H, W); t: (B,) long step of this process. Returns {"sample", "pred_x_0"}.
+        """
+        p = self.p_mean_variance(model, x_t, t, clip_denoised, model_kwargs)
+        mean = self.condition_mean(cond_fn, p, x_t, t, model_kwargs) if cond_fn is not None else p["mean"]
+        z = torch.randn_like(mean)
+        nonzero = (t != 0).to(mean.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))
+        x_prev = mean + nonzero * torch.exp(0.5 * p["log_variance"]) * z
+        return {"sample": x_prev.to(x_t.dtype), "pred_x_0": p["pred_x_0"]}
+
+    def ddim_sample(self, model, x_t, t, eta=0.0, clip_denoised=True, cond_fn=None, model_kwargs=None):
+        """One DDIM step (Song et al. 2021, eq. 12, with sigma from eq. 16):
+        x_{t-1} = sqrt(alpha_bar_{t-1}) x_0_hat + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps_hat + sigma_t z,
+        sigma_t = eta sqrt((1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_{t-1}).
+        eta = 0 is deterministic; eta = 1 is the ancestral sampler with sigma^2 = beta_tilde.
+        eps_hat is recomputed from the (clipped) x_0_hat so that the two agree.
+        """
+        p = self.p_mean_variance(model, x_t, t, clip_denoised, model_kwargs)
+        if cond_fn is not None:
+            pred_x_0, _ = self.condition_score(cond_fn, p, x_t, t, model_kwargs)
+        else:
+            pred_x_0 = p["pred_x_0"]
+        xt = x_t.to(pred_x_0.dtype)
+        eps = self.predict_eps_from_x_0(xt, t, pred_x_0)
+        ab, ab_prev = _gather(self.alpha_bar, t, xt), _gather(self.alpha_bar_prev, t, xt)
+        sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
+        mean = ab_prev.sqrt() * pred_x_0 + torch.sqrt((1 - ab_prev - sigma ** 2).clamp(min=0)) * eps
+        z = torch.randn_like(xt)
+        nonzero = (t != 0).to(xt.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))
+        return {"sample": (mean + nonzero * sigma * z).to(x_t.dtype), "pred_x_0": pred_x_0}
+
+    def sample_steps(self, model, shape, steps=None, eta=None, noise=None, model_kwargs=None,
+                     progress=False, clip_denoised=True, cond_fn=None, device=None):
+        """Yield {"sample", "pred_x_0", "t"} after each reverse step, from x_T ~ N(0, I) to x_0.
+
+        steps: None runs all T steps; k runs k evenly spaced steps (`respace`).
+        eta: None is ancestral sampling (`p_sample`); a number is DDIM with that eta.
+        noise: optional x_T of shape `shape`; otherwise drawn from the global torch RNG.
+        """
+        diffusion = self.respace(steps)
+        if device is None:
+            device = noise.device if noise is not None else _model_device(model)
+        x = noise.to(device) if noise is not None else torch.randn(*shape, device=device)
+        K = diffusion.num_timesteps
+        for k, i in enumerate(reversed(range(K))):
+            t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
+            with torch.no_grad():
+                if eta is None:
+                    out = diffusion.p_sample(model, x, t, clip_denoised, cond_fn, model_kwargs)
+                else:
+                    out = diffusion.ddim_sample(model, x, t, eta, clip_denoised, cond_fn, model_kwargs)
+            x = out["sample"]
+            if progress and (k + 1 == K or (k + 1) % max(1, K // 50) == 0):
+                print(f"\rsampling: step {k + 1}/{K}", end="\n" if k + 1 == K else "", file=sys.stderr, flush=True)
+            yield {**out, "t": t}
+
+    def sample(self, model, shape, steps=None, eta=None, noise=None, model_kwargs=None,
+               progress=False, clip_denoised=True, cond_fn=None, device=None):
+        """Generate x_0 of `shape` (Ho algorithm 2; see `sample_steps` for the options)."""
+        out = None
+        for out in self.sample_steps(model, shape, steps, eta, noise, model_kwargs, progress,
+                                     clip_denoised, cond_fn, device):
+            pass
+        return out["sample"]
+
+    # --- losses and the variational bound ---
+
+    def vb_terms_bpd(self, p, x_0, x_t, t):
+        """The VLB term of step t in bits/dim, shape (B,) (Ho eq. 5):
+        L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0 (code index), and
+        L_0 = -log p(x_0 | x_1) with the discretized Gaussian decoder (Ho eq. 13) at code t = 0.
+        `p` is the dict of `model_output_to_mean_variance`.
+        """
+        true_mean, _, true_log_var = self.q_posterior_mean_variance(x_0, x_t, t)
+        kl = normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"]).flatten(1).mean(1) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x_0, p["mean"], 0.5 * p["log_variance"]).flatten(1).mean(1) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    def prior_bpd(self, x_0):
+        """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, shape (B,) (Ho eq. 5); ~0 for a good schedule."""
+        t = torch.full((x_0.shape[0],), self.num_timesteps - 1, device=x_0.device, dtype=torch.long)
+        mean, _, log_var = self.q_mean_variance(x_0, t)
+        return normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean)).flatten(1).mean(1) / math.log(2.0)
+
+    def training_losses(self, model, x_0, t, noise=None, model_kwargs=None):
+        """Per-example losses at steps t, each (B,); "loss" is the one to minimise.
+
+        simple: L_simple = ||target - model(x_t, t)||^2, mean over pixels (Ho eq. 14; target eps,
+            x_0 or v). With learned_range only the first C channels enter it.
+        hybrid: L_simple + lambda L_vlb, lambda = 0.001 (Improved DDPM eq. 16). L_vlb = sum_t L_t
+            is estimated as T L_t, so the term is T / 1000 L_t. The mean output is detached
+            inside it, so L_vlb trains only the variance (Improved DDPM section 3.1).
+        vlb: T L_t (Ho eq. 5, one-sample estimate of the sum); the caller may reweight it for
+            importance sampling (Improved DDPM eq. 18).
+        x_0: (B, C, H, W) in [-1, 1]; t: (B,) long in 0..T-1.
+        """
+        if noise is None:
+            noise = torch.randn_like(x_0)
+        x_t = self.q_sample(x_0, t, noise)
+        out = model(x_t, self.timestep_map.to(x_0.device)[t], **(model_kwargs or {}))
+        dtype = torch.promote_types(x_0.dtype, torch.float32)
+        out, x_0f, x_tf = out.to(dtype), x_0.to(dtype), x_t.to(dtype)
+        C, T = x_0.shape[1], self.num_timesteps
+        terms = {}
+        if self.loss_type in ("hybrid", "vlb"):
+            frozen = out
+            if self.loss_type == "hybrid":
+                frozen = torch.cat([out[:, :C].detach(), out[:, C:]], 1) if out.shape[1] > C else out.detach()
+            p = self.model_output_to_mean_variance(frozen, x_tf, t, clip_denoised=False)
+            terms["vb"] = self.vb_terms_bpd(p, x_0f, x_tf, t) * (T / 1000.0 if self.loss_type == "hybrid" else T)
+        if self.loss_type in ("simple", "hybrid"):
+            target = self.training_target(x_0f, t, noise.to(dtype))
+            terms["mse"] = ((target - out[:, :C]) ** 2).flatten(1).mean(1)
+        terms["loss"] = terms.get("mse", 0) + terms.get("vb", 0)
+        return terms
+
+    def calc_bpd(self, model, x_0, model_kwargs=None):
+        """The full VLB in bits/dim, per example (Ho eq. 5, all T + 1 terms):
+        -log p(x_0) <= L_T + sum_{t>1} L_{t-1} + L_0. Returns {"bpd", "prior_bpd", "vb"} with
+        "bpd" and "prior_bpd" (B,) and "vb" (B, T). Costs T model evaluations; never clips x_0.
+        """
+        B, T = x_0.shape[0], self.num_timesteps
+        vb = []
+        for i in range(T):
+            t = torch.full((B,), i, device=x_0.device, dtype=torch.long)
+            x_t = self.q_sample(x_0, t)
+            with torch.no_grad():
+                p = self.p_mean_variance(model, x_t, t, clip_denoised=False, model_kwargs=model_kwargs)
+            dtype = p["mean"].dtype
+            vb.append(self.vb_terms_bpd(p, x_0.to(dtype), x_t.to(dtype), t))
+        vb = torch.stack(vb, 1)                                               # (B, T)
+        prior = self.prior_bpd(x_0.to(vb.dtype))
+        return {"bpd": vb.sum(1) + prior, "prior_bpd": prior, "vb": vb}
