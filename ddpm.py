@@ -72,6 +72,8 @@ def make_beta_schedule(name, T):
     if not isinstance(T, int) or T < 1:
         raise ValueError(f"T must be a positive int, got {T!r}")
     if name == "linear":
+        if T <= 20:
+            raise ValueError(f"the linear schedule needs T > 20 (beta_T = 20/T must stay below 1), got T={T}")
         scale = 1000 / T
         return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
     if name == "cosine":
@@ -149,7 +151,8 @@ class GaussianDiffusion:
             raise ValueError(f"unknown loss {loss!r}; use 'simple', 'hybrid' or 'vlb'")
         self.prediction, self.variance, self.loss_type = prediction, variance, loss
         self.betas = torch.as_tensor(betas, dtype=torch.float64)
-        assert self.betas.dim() == 1 and (self.betas > 0).all() and (self.betas <= 1).all()
+        if self.betas.dim() != 1 or not ((self.betas > 0) & (self.betas < 1)).all():
+            raise ValueError("betas must be a 1-d tensor with values in (0, 1)")
         self.num_timesteps = T = len(self.betas)
         self.timestep_map = torch.arange(T) if timestep_map is None else torch.as_tensor(timestep_map, dtype=torch.long)
         self.alphas = 1.0 - self.betas

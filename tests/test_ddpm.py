@@ -43,6 +43,8 @@ def test_alpha_bar_is_running_product(name):
 def test_bad_schedule_name_is_an_error():
     with pytest.raises(ValueError, match="unknown beta schedule"):
         make_beta_schedule("quadratic", 10)
+    with pytest.raises(ValueError, match="T > 20"):
+        make_beta_schedule("linear", 20)
 
 
 def test_q_sample_moments():
@@ -224,14 +226,14 @@ def test_hybrid_loss_stops_gradient_of_mean_in_vlb_term():
     a = torch.tensor(0.3, requires_grad=True)  # drives the eps (mean) output
     b = torch.tensor(0.2, requires_grad=True)  # drives the variance output
     model = lambda x, t: torch.cat([a * x, torch.tanh(b * x)], 1)
-    x_0, t = torch.rand(4, 3, 2, 2) * 2 - 1, torch.tensor([0, 3, 10, 19])
-    d = GaussianDiffusion(make_beta_schedule("linear", 20), variance="learned_range", loss="hybrid")
+    x_0, t = torch.rand(4, 3, 2, 2) * 2 - 1, torch.tensor([0, 3, 10, 39])
+    d = GaussianDiffusion(make_beta_schedule("linear", 40), variance="learned_range", loss="hybrid")
     terms = d.training_losses(model, x_0, t)
     assert set(terms) == {"loss", "mse", "vb"} and terms["loss"].shape == (4,)
     assert torch.allclose(terms["loss"], terms["mse"] + terms["vb"])
     terms["vb"].sum().backward()
     assert (a.grad is None or a.grad.item() == 0) and b.grad.abs().item() > 0
     a.grad = None
-    d = GaussianDiffusion(make_beta_schedule("linear", 20), variance="learned_range", loss="vlb")
+    d = GaussianDiffusion(make_beta_schedule("linear", 40), variance="learned_range", loss="vlb")
     d.training_losses(model, x_0, t)["loss"].sum().backward()
     assert a.grad.abs().item() > 0
