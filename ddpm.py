@@ -55,6 +55,46 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# --- config ---
+
+
+@dataclass
+class DDPMConfig:
+    # data
+    image_size: int = 32                 # H = W of the images
+    in_channels: int = 3                 # C of the images
+    # U-Net (Ho et al. appendix B; Improved DDPM section 3 and appendix A)
+    ch: int = 128                        # channels at the first resolution
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)   # channel multiplier per resolution; len-1 downsamplings
+    num_res_blocks: int = 2              # residual blocks per resolution (the up path has one more)
+    attn_resolutions: tuple[int, ...] = (16,)  # feature-map sizes that get self-attention
+    num_heads: int = 1                   # attention heads (Ho: 1; Improved DDPM: 4)
+    dropout: float = 0.1                 # dropout inside the residual blocks
+    scale_shift_norm: bool = False       # Improved DDPM: GroupNorm(h) (1 + scale) + shift from the time embedding
+    # diffusion
+    T: int = 1000                        # number of diffusion steps
+    schedule: str = "linear"             # beta schedule: linear (Ho) or cosine (Improved DDPM eq. 17)
+    prediction: str = "eps"              # model target: eps, x_0 or v
+    variance: str = "fixed_large"        # fixed_small, fixed_large or learned_range (Improved DDPM eq. 15)
+    loss: str = "simple"                 # simple (Ho eq. 14), hybrid (Improved DDPM eq. 16) or vlb (eq. 18, importance-sampled t)
+
+
+PRESETS = {
+    # CPU in minutes: two resolutions, attention at 8x8 (see README for the measured run)
+    "tiny": DDPMConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, T=1000),
+    # one GPU, hours: Ho's architecture at half width
+    "small": DDPMConfig(ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1),
+    # Ho et al. CIFAR-10 (appendix B; released run_cifar.py): 35,746,307 parameters ("35.7M")
+    "ddpm-cifar10": DDPMConfig(),
+    # Improved DDPM CIFAR-10 (section 3, appendix A; released README flags): learned sigma, 3 res blocks,
+    # attention at 16 and 8 with 4 heads, scale-shift norm, dropout 0.3, cosine schedule, T = 4000,
+    # L_hybrid: 52,546,438 parameters
+    "iddpm-cifar10": DDPMConfig(num_res_blocks=3, attn_resolutions=(16, 8), num_heads=4, dropout=0.3,
+                                scale_shift_norm=True, T=4000, schedule="cosine", variance="learned_range",
+                                loss="hybrid"),
+}
+
+
 # --- diffusion process ---
 
 
@@ -446,3 +486,163 @@ class GaussianDiffusion:
         vb = torch.stack(vb, 1)                                               # (B, T)
         prior = self.prior_bpd(x_0.to(vb.dtype))
         return {"bpd": vb.sum(1) + prior, "prior_bpd": prior, "vb": vb}
+
+
+# --- U-Net ---
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of the (original) time index, as the Transformer's positions (Ho et al.
+    appendix B): [sin(t w_i), cos(t w_i)], w_i = 10000^(-i / (dim/2 - 1)). t: (B,) -> (B, dim)."""
+    half = dim // 2
+    w = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half - 1, 1))
+    arg = t.float()[:, None] * w[None]                                    # (B, dim/2)
+    return torch.cat([torch.sin(arg), torch.cos(arg)], 1)                 # (B, dim)
+
+
+def norm(channels):
+    """GroupNorm with 32 groups (Ho et al. replace weight norm by group norm, appendix B)."""
+    return nn.GroupNorm(min(32, channels), channels)
+
+
+def zero_init(module):
+    """Zero a layer's parameters, so a residual branch starts as the identity (Ho's released code)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Wide-ResNet block with the time embedding added between the two convolutions (Ho et al.
+    appendix B). With scale_shift_norm (Improved DDPM) the embedding gives (scale, shift) and
+    h = GroupNorm(h) (1 + scale) + shift instead of h + emb. (B, C_in, H, W) -> (B, C_out, H, W)."""
+
+    def __init__(self, c_in, c_out, emb_dim, dropout, scale_shift_norm):
+        super().__init__()
+        self.scale_shift_norm = scale_shift_norm
+        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * c_out if scale_shift_norm else c_out)
+        self.norm2, self.dropout = norm(c_out), nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]                 # (B, C_out or 2 C_out, 1, 1)
+        if self.scale_shift_norm:
+            scale, shift = e.chunk(2, 1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Self-attention over the H W positions (Ho et al. appendix B: one head; Improved DDPM: several),
+    residual, with the output projection zero-initialised. (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, channels, num_heads):
+        super().__init__()
+        assert channels % num_heads == 0, f"{channels} channels do not split into {num_heads} heads"
+        self.num_heads = num_heads
+        self.norm = norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        nh = self.num_heads
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, nh, C // nh, H * W)   # (B, 3, nh, hs, HW)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)                         # each (B, nh, HW, hs)
+        h = F.scaled_dot_product_attention(q, k, v)                       # (B, nh, HW, hs)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)                       # (B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 convolution (Ho's resamp_with_conv)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour, then a 3x3 convolution (Ho's resamp_with_conv)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """Ho et al.'s U-Net (a PixelCNN++-style backbone, appendix B), the Improved DDPM variant by config.
+
+    forward(x_t, t): x_t (B, C, H, W), t (B,) long original time index -> (B, C, H, W), or
+    (B, 2C, H, W) under learned_range (eps and Improved DDPM's v of eq. 15).
+    Down path: per resolution `num_res_blocks` ResBlocks (+ attention where listed), then a
+    Downsample except at the last; middle: ResBlock, attention, ResBlock; up path: per resolution
+    `num_res_blocks + 1` ResBlocks, each fed the concatenation with a stored down-path activation.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        cfg = self.config = config
+        ch, emb_dim = cfg.ch, 4 * cfg.ch
+        c_out = cfg.in_channels * (2 if cfg.variance == "learned_range" else 1)
+        res_block = lambda c_in, c_out_: ResBlock(c_in, c_out_, emb_dim, cfg.dropout, cfg.scale_shift_norm)
+        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_chans, c, res = [ch], ch, cfg.image_size
+        for level, mult in enumerate(cfg.ch_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [res_block(c, ch * mult)]
+                c = ch * mult
+                if res in cfg.attn_resolutions:
+                    layers.append(AttnBlock(c, cfg.num_heads))
+                self.down.append(nn.ModuleList(layers))
+                skip_chans.append(c)
+            if level != len(cfg.ch_mult) - 1:
+                self.down.append(nn.ModuleList([Downsample(c)]))
+                skip_chans.append(c)
+                res //= 2
+        self.mid = nn.ModuleList([res_block(c, c), AttnBlock(c, cfg.num_heads), res_block(c, c)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.ch_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res_block(c + skip_chans.pop(), ch * mult)]
+                c = ch * mult
+                if res in cfg.attn_resolutions:
+                    layers.append(AttnBlock(c, cfg.num_heads))
+                if level != 0 and i == cfg.num_res_blocks:
+                    layers.append(Upsample(c))
+                    res *= 2
+                self.up.append(nn.ModuleList(layers))
+        self.norm_out = norm(c)
+        self.conv_out = zero_init(nn.Conv2d(c, c_out, 3, padding=1))
+
+    @staticmethod
+    def _run(layers, h, emb):
+        for layer in layers:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+    def forward(self, x, t):
+        emb = self.time_embed(timestep_embedding(t, self.config.ch))      # (B, 4 ch)
+        h = self.conv_in(x)
+        hs = [h]
+        for layers in self.down:
+            h = self._run(layers, h, emb)
+            hs.append(h)
+        h = self._run(self.mid, h, emb)
+        for layers in self.up:
+            h = self._run(layers, torch.cat([h, hs.pop()], 1), emb)     # (B, C + C_skip, H, W)
+        return self.conv_out(F.silu(self.norm_out(h)))
