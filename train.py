@@ -694,6 +694,7 @@ def train_phase(model, name, phase, run, cfg, hp, datasets, device, d, args):
     """Train one phase to hp['steps'] steps, resuming from its checkpoint when there is one."""
     path = run / ckpt_name(model, phase)
     module = phase_module(model, phase)
+    tag = name if phase == "main" else f"{name}/{phase}"
     model.requires_grad_(False).eval()
     module.requires_grad_(True).train()
     params = [p for p in module.parameters() if p.requires_grad]
@@ -709,9 +710,9 @@ def train_phase(model, name, phase, run, cfg, hp, datasets, device, d, args):
         step = ck["step"]
         states = ck["rng"]
         set_rng_state(states[d.rank] if d.rank < len(states) else states[0], device)
-        log(f"[{phase}] resumed at step {step}", d.rank)
+        log(f"[{tag}] resumed at step {step}", d.rank)
     if step >= hp["steps"]:
-        log(f"[{phase}] done ({step} steps)", d.rank)
+        log(f"[{tag}] done ({step} steps)", d.rank)
         ema.module.requires_grad_(False)
         module.load_state_dict(ema.module.state_dict())  # later phases and sampling use EMA weights
         return
@@ -724,7 +725,9 @@ def train_phase(model, name, phase, run, cfg, hp, datasets, device, d, args):
             train_set, batch_sampler=StepBatches(len(train_set), per_rank, hp["seed"], start, total,
                                                  d.rank, d.world),
             num_workers=workers, pin_memory=device.type == "cuda",
-            persistent_workers=False)
+            # its own generator: creating a loader must not draw from the global RNG, or a
+            # resumed run's noise would drift from the uninterrupted run's
+            generator=torch.Generator().manual_seed(hp["seed"] + start))
 
     in_ch = getattr(cfg, "in_channels", 3)
     if step == 0 and hasattr(model, "prepare"):
@@ -757,7 +760,7 @@ def train_phase(model, name, phase, run, cfg, hp, datasets, device, d, args):
 
     sums, nonfinite = {}, torch.zeros((), dtype=torch.bool, device=device)
     t0, t_last, last_step, first_step, last_good = time.time(), time.time(), step, step, None
-    log(f"[{phase}] training {sum(p.numel() for p in params):,} parameters for {total} steps, "
+    log(f"[{tag}] training {sum(p.numel() for p in params):,} parameters for {total} steps, "
         f"batch {hp['batch_size']}, lr {hp['lr']}, {args.precision} on {device}"
         + (f" x {d.world}" if d.on else ""), d.rank)
     try:
@@ -793,7 +796,7 @@ def train_phase(model, name, phase, run, cfg, hp, datasets, device, d, args):
                 ips = n * hp["batch_size"] / max(now - t_last, 1e-9)
                 eta = (now - t0) / max(1, step - first_step) * (total - step)
                 parts = " ".join(f"{k} {v:.4g}" for k, v in vals.items() if k != "loss")
-                log(f"[{phase}] step {step}/{total} loss {vals['loss']:.4f} {parts} | "
+                log(f"[{tag}] step {step}/{total} loss {vals['loss']:.4f} {parts} | "
                     f"{ips:.0f} img/s | eta {fmt_time(eta)}", d.rank)
                 if d.rank == 0:
                     with open(run / "log.jsonl", "a") as f:
@@ -818,7 +821,7 @@ def train_phase(model, name, phase, run, cfg, hp, datasets, device, d, args):
         raise TrainingStopped(f"interrupted at step {step}; the loss was not finite, so no "
                               "checkpoint was written", 130)
     module.load_state_dict(ema.module.state_dict())  # later phases and sampling use EMA weights
-    log(f"[{phase}] finished {total} steps in {fmt_time(time.time() - t0)}", d.rank)
+    log(f"[{tag}] finished {total} steps in {fmt_time(time.time() - t0)}", d.rank)
 
 
 class TrainingStopped(Exception):
@@ -905,6 +908,7 @@ def run_training(args, overrides):
                 raise UsageError(f"{name} is class-conditional but --data {data_spec} has no "
                                  "labels; pass --num-classes 0")
             config = dataclasses.replace(config, num_classes=n_cls)
+        torch.manual_seed(next(iter(hparams.values()))["seed"])  # the same init on every rank
         try:
             model = model_class(name)(config)
         except (ValueError, TypeError) as e:
