@@ -46,3 +46,9 @@ def test_the_import_check_can_fail(tmp_path):
     p = tmp_path / "m.py"
     p.write_text("import numpy\nfrom PIL import Image\nimport torch.nn\n")
     assert imported_roots(p) == {"numpy", "PIL", "torch"}
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci in readme and ci.endswith("python -m pytest -q")
