@@ -195,10 +195,11 @@ class GaussianDiffusion:
         if self.betas.dim() != 1 or not ((self.betas > 0) & (self.betas < 1)).all():
             raise ValueError("betas must be a 1-d tensor with values in (0, 1)")
         self.num_timesteps = T = len(self.betas)
-        self.timestep_map = torch.arange(T) if timestep_map is None else torch.as_tensor(timestep_map, dtype=torch.long)
+        self.timestep_map = (torch.arange(T, device=self.betas.device) if timestep_map is None
+                             else torch.as_tensor(timestep_map, dtype=torch.long, device=self.betas.device))
         self.alphas = 1.0 - self.betas
         self.alpha_bar = torch.cumprod(self.alphas, 0)                        # alpha_bar_t = prod_s alpha_s
-        self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+        self.alpha_bar_prev = torch.cat([self.alpha_bar.new_ones(1), self.alpha_bar[:-1]])
         self.sqrt_alpha_bar = self.alpha_bar.sqrt()
         self.sqrt_one_minus_alpha_bar = (1.0 - self.alpha_bar).sqrt()
         # Ho eq. 7: beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t
@@ -210,6 +211,16 @@ class GaussianDiffusion:
         # Ho eq. 7: mu_tilde_t = coef1 x_0 + coef2 x_t
         self.posterior_mean_coef1 = self.betas * self.alpha_bar_prev.sqrt() / (1.0 - self.alpha_bar)
         self.posterior_mean_coef2 = (1.0 - self.alpha_bar_prev) * self.alphas.sqrt() / (1.0 - self.alpha_bar)
+
+    def to(self, device):
+        """Move every table to `device` (in place; a no-op when already there), so that gathering
+        from them inside the training loop never copies from the host."""
+        device = torch.device(device)
+        if self.betas.device != device:
+            for k, v in vars(self).items():
+                if torch.is_tensor(v):
+                    setattr(self, k, v.to(device))
+        return self
 
     # --- respacing ---
 
@@ -225,7 +236,7 @@ class GaussianDiffusion:
             return self
         kept = space_timesteps(self.num_timesteps, steps)
         ab = self.alpha_bar[kept]
-        betas = 1.0 - ab / torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        betas = 1.0 - ab / torch.cat([ab.new_ones(1), ab[:-1]])
         return GaussianDiffusion(betas, self.prediction, self.variance, self.loss_type,
                                  timestep_map=self.timestep_map[kept])
 
@@ -681,6 +692,14 @@ class DDPM(nn.Module):
 
     def forward(self, x_t, t):
         return self.net(x_t, t)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device) / .cuda() move the parameters; the float64 schedule tables follow them
+        out = super()._apply(fn, *args, **kwargs)
+        p = next(self.parameters(), None)
+        if p is not None:
+            self.diffusion.to(p.device)
+        return out
 
     # --- importance sampling of t (Improved DDPM eq. 18) ---
 
