@@ -49,7 +49,7 @@ Glossary (paper symbol -> code name; names used by other code in brackets):
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -557,7 +557,8 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels, num_heads):
         super().__init__()
-        assert channels % num_heads == 0, f"{channels} channels do not split into {num_heads} heads"
+        if channels % num_heads:
+            raise ValueError(f"{channels} channels do not split into {num_heads} attention heads; change num_heads")
         self.num_heads = num_heads
         self.norm = norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
