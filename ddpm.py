@@ -348,7 +348,8 @@ class GaussianDiffusion:
         """Shift the ancestral mean by Sigma grad_x log p(y | x_t) (Dhariwal & Nichol 2021, alg. 1).
 
         A hook for classifier guidance (guided.py); cond_fn(x_t, t_orig, **model_kwargs) returns
-        the (scaled) gradient, shape of x_t.
+        the (scaled) gradient, shape of x_t. The samplers run under no_grad, so cond_fn must
+        enable gradients itself (torch.enable_grad()).
         """
         grad = cond_fn(x_t, self.timestep_map.to(x_t.device)[t], **(model_kwargs or {}))
         return p["mean"] + p["variance"] * grad.to(p["mean"].dtype)
