@@ -28,6 +28,7 @@ Deviations from the papers, and choices the papers leave open:
   holds from step 0 and an unused code keeps its value.
 - Dead-code restarts (a code unused for `restart_after` steps is moved onto a random encoder
   output of the current batch) are not in the paper; they keep the codebook in use on small runs.
+  With them on, the first training step also initialises every code from encoder outputs.
 - The class embedding of eq. 4 is one projection per layer shared by the two stacks.
 
 Glossary (paper symbol -> code name):
@@ -221,8 +222,10 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("m", e.clone())
         else:
             self.e = nn.Parameter(e)
-        # training steps since each code was last chosen, for dead-code restarts
-        self.register_buffer("unused_steps", torch.zeros(K, dtype=torch.long))
+        # training steps since each code was last chosen, for dead-code restarts; starting at
+        # restart_after makes the first training step place every code on an encoder output
+        # (a data-dependent initialisation: the encoder's outputs are not near any fixed init)
+        self.register_buffer("unused_steps", torch.full((K,), restart_after, dtype=torch.long))
 
     def distances(self, z: torch.Tensor) -> torch.Tensor:
         """||z - e_j||^2 for every row of z and every code: (n, D) -> (n, K), in fp32."""
