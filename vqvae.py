@@ -69,27 +69,28 @@ class VQVAEConfig:
     restart_after: int = 50  # restart a code unused for this many training steps (0: never)
     num_classes: int = 0  # class-conditional prior when > 0 (train.py sets it from the data)
     prior_channels: int = 64  # channels of each gated layer of the prior
-    prior_layers: int = 8  # gated layers of the prior (the first is type A)
-    prior_kernel: int = 5  # n of the n x n receptive field of each gated layer (odd)
-    prior_out_hidden: int = 256  # channels of the 1x1 output layers of the prior
+    prior_layers: int = 6  # gated layers of the prior (the first is type A)
+    prior_kernel: int = 3  # n of the n x n receptive field of each gated layer (odd)
+    prior_out_hidden: int = 128  # channels of the 1x1 output layers of the prior
     prior_dropout: float = 0.0  # dropout on the gated outputs of the prior
 
 
 PRESETS: dict[str, VQVAEConfig] = {
     # CPU, minutes: 32x32 shapes -> 8x8 codes. 0.2M autoencoder + 0.3M prior parameters.
-    "tiny": VQVAEConfig(),
+    "tiny": VQVAEConfig(num_classes=18),  # train.py sets num_classes from the data
     # Sec. 4.1 architecture (two stride-2 4x4 convs, two residual blocks, 256 units, K = 512) on
     # 32x32 CIFAR10 -> 8x8 codes. D is not given in the paper; 64 as in the authors' Sonnet example.
     # The prior's size is not given either; the Gated PixelCNN paper's CIFAR/ImageNet model
     # (20 layers, 384 units, 5x5) is used. 2.6M autoencoder + 21M prior parameters.
     "vqvae-cifar10": VQVAEConfig(
         hidden=256, res_hidden=256, num_codes=512, code_dim=64, ema=False, restart_after=0,
-        prior_channels=384, prior_layers=20, prior_kernel=5, prior_out_hidden=1024,
+        num_classes=10, prior_channels=384, prior_layers=20, prior_kernel=5,
+        prior_out_hidden=1024,
     ),
     # Sec. 4.2: ImageNet 128x128x3 -> 32x32x1 codes with K = 512, same autoencoder and prior sizes.
     "vqvae-imagenet": VQVAEConfig(
         image_size=128, hidden=256, res_hidden=256, num_codes=512, code_dim=64, ema=False,
-        restart_after=0, prior_channels=384, prior_layers=20, prior_kernel=5,
+        restart_after=0, num_classes=1000, prior_channels=384, prior_layers=20, prior_kernel=5,
         prior_out_hidden=1024,
     ),
 }

@@ -65,30 +65,30 @@ class VQVAE2Config:
     restart_after: int = 50  # restart a code unused for this many training steps (0: never)
     num_classes: int = 0  # class-conditional priors when > 0 (train.py sets it from the data)
     top_channels: int = 64  # channels of the top prior's gated layers (paper: 512)
-    top_layers: int = 6  # gated layers of the top prior (paper: 20)
+    top_layers: int = 4  # gated layers of the top prior (paper: 20)
     top_kernel: int = 3  # n of the n x n receptive field of each layer (paper: 5)
     top_attention: int = 2  # causal self-attention layers, spread over the stack (paper: 4)
     top_heads: int = 4  # attention heads (paper: 8)
     top_dropout: float = 0.0  # dropout on the gated outputs (paper: 0.1)
     bottom_channels: int = 64  # channels of the bottom prior's gated layers (paper: 512)
     bottom_layers: int = 6  # gated layers of the bottom prior (paper: 20)
-    bottom_kernel: int = 5  # n of the n x n receptive field of each layer (paper: 5)
+    bottom_kernel: int = 3  # n of the n x n receptive field of each layer (paper: 5)
     bottom_cond_blocks: int = 2  # residual blocks of the top-code conditioning stack (paper: 20)
     bottom_dropout: float = 0.0  # dropout on the gated outputs (paper: 0.1)
-    prior_out_hidden: int = 256  # channels of the 1x1 output layers of both priors
+    prior_out_hidden: int = 128  # channels of the 1x1 output layers of both priors
 
 
 PRESETS: dict[str, VQVAE2Config] = {
     # CPU, minutes: 32x32 shapes -> 4x4 top and 8x8 bottom codes. {{COUNT:tiny}}
-    "tiny": VQVAE2Config(),
+    "tiny": VQVAE2Config(num_classes=18),  # train.py sets num_classes from the data
     # Appendix A, ImageNet 256x256: 32x32 top and 64x64 bottom codes, K = 512, D = 64, 128 hidden
     # and 64 residual units; priors with 512 channels, 20 layers, 5x5 filters, dropout 0.1, the
     # top one with 4 attention layers of 8 heads, the bottom one with 20 conditioning blocks.
     # {{COUNT:vqvae2-imagenet256}}
     "vqvae2-imagenet256": VQVAE2Config(
         image_size=256, hidden=128, res_hidden=64, num_codes=512, code_dim=64, restart_after=0,
-        top_channels=512, top_layers=20, top_kernel=5, top_attention=4, top_heads=8,
-        top_dropout=0.1, bottom_channels=512, bottom_layers=20, bottom_kernel=5,
+        num_classes=1000, top_channels=512, top_layers=20, top_kernel=5, top_attention=4,
+        top_heads=8, top_dropout=0.1, bottom_channels=512, bottom_layers=20, bottom_kernel=5,
         bottom_cond_blocks=20, bottom_dropout=0.1, prior_out_hidden=1024,
     ),
 }

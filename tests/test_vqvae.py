@@ -10,7 +10,7 @@ import vqvae
 
 TINY = dataclasses.replace(
     vqvae.PRESETS["tiny"], image_size=16, hidden=16, res_hidden=8, num_res_blocks=1,
-    num_codes=16, code_dim=4, restart_after=0, prior_channels=8, prior_layers=3,
+    num_codes=16, code_dim=4, restart_after=0, num_classes=0, prior_channels=8, prior_layers=3,
     prior_out_hidden=16,
 )
 

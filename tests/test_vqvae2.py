@@ -9,8 +9,8 @@ import vqvae2
 
 TINY = dataclasses.replace(
     vqvae2.PRESETS["tiny"], image_size=16, hidden=16, res_hidden=8, num_res_blocks=1,
-    num_codes=16, code_dim=4, restart_after=0, top_channels=8, top_layers=3, top_heads=2,
-    bottom_channels=8, bottom_layers=3, bottom_kernel=3, bottom_cond_blocks=1,
+    num_codes=16, code_dim=4, restart_after=0, num_classes=0, top_channels=8, top_layers=3,
+    top_heads=2, bottom_channels=8, bottom_layers=3, bottom_kernel=3, bottom_cond_blocks=1,
     prior_out_hidden=16,
 )
 
