@@ -207,7 +207,8 @@ class VectorQuantizer(nn.Module):
     z_q = z_e + sg[e_k - z_e] (Sec. 3.2): equal to e_k forward, the identity backward.
 
     The distances run in fp32 even under bf16 autocast: ||z||^2 - 2 z.e + ||e||^2 in bf16 keeps
-    ~3 significant digits, too few to tell near codes apart, so autocast is switched off locally.
+    ~3 significant digits, too few to tell near codes apart, so autocast is switched off locally
+    (for the EMA sums too).
     """
 
     def __init__(self, K: int, D: int, beta: float = 0.25, ema: bool = True, gamma: float = 0.99,
@@ -281,10 +282,14 @@ class VectorQuantizer(nn.Module):
           perplexity  exp(entropy of the batch's code histogram): K when all codes are equally used;
           usage       fraction of the K codes chosen at least once in the batch.
         With `update` (and in training mode) the dead codes are restarted first and the EMA
-        codebook updated after the lookup.
+        codebook updated after the lookup. All of it runs in fp32, outside autocast: the
+        distances need the precision (see the class docstring), and so do the EMA sums.
         """
+        with torch.autocast(device_type=z_e.device.type, enabled=False):
+            return self._quantize(z_e.float(), update)
+
+    def _quantize(self, z_e: torch.Tensor, update: bool) -> dict:
         B, D, h, w = z_e.shape
-        z_e = z_e.float()
         z = z_e.permute(0, 2, 3, 1).reshape(-1, D)  # (B*h*w, D)
         update = update and self.training
         if update and self.restart_after > 0:

@@ -115,6 +115,21 @@ def test_distances_stay_fp32_under_bf16_autocast():
     assert (codes == expect).float().mean() > 0.99
 
 
+def test_ema_update_is_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    a = vqvae.VectorQuantizer(K=16, D=8, ema=True).train()
+    b = vqvae.VectorQuantizer(K=16, D=8, ema=True).train()
+    b.load_state_dict(a.state_dict())
+    z_e = 3 + torch.randn(4, 8, 4, 4)
+    out_a = a(z_e)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_b = b(z_e)
+    assert out_b["z_q"].dtype == torch.float32
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    assert torch.equal(out_a["z_q"], out_b["z_q"])
+
+
 @pytest.mark.parametrize("ema", [True, False])
 def test_dead_codes_restart_onto_encoder_outputs(ema):
     torch.manual_seed(0)
