@@ -68,8 +68,8 @@ class VQVAEConfig:
     eps: float = 1e-5  # Laplace smoothing of the EMA cluster sizes
     restart_after: int = 50  # restart a code unused for this many training steps (0: never)
     num_classes: int = 0  # class-conditional prior when > 0 (train.py sets it from the data)
-    prior_channels: int = 64  # channels of each gated layer of the prior
-    prior_layers: int = 6  # gated layers of the prior (the first is type A)
+    prior_channels: int = 48  # channels of each gated layer of the prior
+    prior_layers: int = 5  # gated layers of the prior (the first is type A)
     prior_kernel: int = 3  # n of the n x n receptive field of each gated layer (odd)
     prior_out_hidden: int = 128  # channels of the 1x1 output layers of the prior
     prior_dropout: float = 0.0  # dropout on the gated outputs of the prior

@@ -76,7 +76,7 @@ def test_vqvae2_all_phases_resume_and_sample(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["vqvae", "--phase", "decoder"], "has phases vqvae, prior"),
     (["vqvae", "--phase", "prior"], "needs phase vqvae first"),
-    (["vqvae", "--image-size", "20"], "divisible"),
+    (["vqvae", "--image-size", "18"], "divisible"),
     (["vqvae2", "--image-size", "20"], "divisible by 8"),
     (["vqvae2", "--top-heads", "3"], "top_heads"),
     (["vqvae", "--prior-kernel", "4"], "odd"),
