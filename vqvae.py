@@ -76,18 +76,18 @@ class VQVAEConfig:
 
 
 PRESETS: dict[str, VQVAEConfig] = {
-    # CPU, minutes: 32x32 shapes -> 8x8 codes. 0.2M autoencoder + 0.3M prior parameters.
+    # CPU, minutes: 32x32 shapes -> 8x8 codes. 0.24M autoencoder + 0.28M prior parameters.
     "tiny": VQVAEConfig(num_classes=18),  # train.py sets num_classes from the data
     # Sec. 4.1 architecture (two stride-2 4x4 convs, two residual blocks, 256 units, K = 512) on
     # 32x32 CIFAR10 -> 8x8 codes. D is not given in the paper; 64 as in the authors' Sonnet example.
-    # The prior's size is not given either; the Gated PixelCNN paper's CIFAR/ImageNet model
-    # (20 layers, 384 units, 5x5) is used. 2.6M autoencoder + 21M prior parameters.
+    # The prior's size is not given either: the Gated PixelCNN paper's large model (20 layers,
+    # 384 units, 5x5) stands in. 4.9M autoencoder + 122M prior parameters.
     "vqvae-cifar10": VQVAEConfig(
         hidden=256, res_hidden=256, num_codes=512, code_dim=64, ema=False, restart_after=0,
-        num_classes=10, prior_channels=384, prior_layers=20, prior_kernel=5,
-        prior_out_hidden=1024,
+        prior_channels=384, prior_layers=20, prior_kernel=5, prior_out_hidden=1024,
     ),
-    # Sec. 4.2: ImageNet 128x128x3 -> 32x32x1 codes with K = 512, same autoencoder and prior sizes.
+    # Sec. 4.2: ImageNet 128x128x3 -> 32x32x1 codes with K = 512, a class-conditional prior;
+    # autoencoder and prior sizes as above. 4.9M autoencoder + 137M prior parameters.
     "vqvae-imagenet": VQVAEConfig(
         image_size=128, hidden=256, res_hidden=256, num_codes=512, code_dim=64, ema=False,
         restart_after=0, num_classes=1000, prior_channels=384, prior_layers=20, prior_kernel=5,

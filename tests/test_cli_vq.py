@@ -84,3 +84,31 @@ def test_vqvae2_all_phases_resume_and_sample(tmp_path, capsys):
 def test_bad_training_input(tmp_path, capsys, argv, message):
     assert run_train(*argv, "--out", tmp_path / "new") == 2
     assert message in error_line(capsys)
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    """A few bf16 steps of every phase: the quantiser runs in fp32 inside autocast."""
+    run = tmp_path / "r"
+    assert run_train("vqvae2", *SMALL["vqvae2"], "--steps", 2, "--out", run,
+                     "--precision", "bf16") == 0
+    assert (run / "samples.png").exists()
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    """The quantiser all-reduces its EMA statistics and broadcasts restarts: it must not hang or
+    fail under DistributedDataParallel (gloo)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29573", "train.py", "vqvae", *SMALL["vqvae"],
+                        "--restart-after", "1", "--steps", "3", "--device", "cpu",
+                        "--out", str(run)],
+                       cwd=root, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "ckpt_prior.pt").exists() and (run / "samples.png").exists()
