@@ -21,11 +21,12 @@ What is implemented:
 Deviations from the papers, and choices the papers leave open:
 - log p(x | z_q) of eq. 3 is a Gaussian with fixed variance, i.e. the mean squared error on pixels
   in [-1, 1] (the paper does not fix the decoder's likelihood for images).
-- EMA codebook: the paper's recursions (appendix A.1, eq. 6-8) start from N = 0 and m = 0, which
-  makes e_i = m_i / N_i undefined for codes that no batch has used yet; with the Laplace smoothing
-  of the authors' Sonnet code this becomes a division by ~eps and blows unused codes up to huge
-  norms on the first update. Here N starts at 1 and m at the initial codebook, so e_i = m_i / N_i
-  holds from step 0 and an unused code keeps its value.
+- EMA codebook (appendix A.1, eq. 6-8): the paper does not say how N and m start. Started at
+  N = 0 with m at the initial codebook, as in many public ports, the Laplace-smoothed division
+  e_i = m_i / N~_i divides by ~eps on the first update, and every code that no batch has used yet
+  jumps to a huge norm; Sonnet's zero-debiased averages instead send such codes to 0. Here N
+  starts at 1 and m at the initial codebook, so e_i = m_i / N_i holds from step 0 and an unused
+  code keeps its value (a test checks it).
 - Dead-code restarts (a code unused for `restart_after` steps is moved onto a random encoder
   output of the current batch) are not in the paper; they keep the codebook in use on small runs.
   With them on, the first training step also initialises every code from encoder outputs.
