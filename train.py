@@ -452,6 +452,13 @@ MODELS = {
                 {"main": dict(steps=2000, batch_size=64, lr=2e-3)}),
     "ddpm": Spec("ddpm", "DDPM", "DDPM and Improved DDPM (Ho et al. 2020; Nichol & Dhariwal 2021)",
                  {"main": dict(steps=1000, batch_size=32, lr=1e-3)}),
+    "vqvae": Spec("vqvae", "VQVAE", "VQ-VAE + Gated PixelCNN prior (van den Oord et al. 2017)",
+                  {"vqvae": dict(steps=2000, batch_size=32, lr=2e-3),
+                   "prior": dict(steps=2000, batch_size=32, lr=2e-3)}),
+    "vqvae2": Spec("vqvae2", "VQVAE2", "VQ-VAE-2, two levels + PixelCNN priors (Razavi et al. 2019)",
+                   {"vqvae": dict(steps=1500, batch_size=32, lr=2e-3),
+                    "prior_top": dict(steps=1500, batch_size=32, lr=2e-3),
+                    "prior_bottom": dict(steps=1500, batch_size=32, lr=2e-3)}),
 }
 
 
