@@ -236,8 +236,8 @@ class BPETokenizer:
     def decode(self, ids):
         ids = _strip_special(list(ids), self.sot, self.eot)
         text = "".join(self.decoder[i] for i in ids)
-        data = bytes(self.symbol_to_byte[ch] for ch in text.replace("</w>", " "))
-        return data.decode("utf-8", errors="replace").strip()
+        text = bytes(self.symbol_to_byte[ch] for ch in text).decode("utf-8", errors="replace")
+        return text.replace("</w>", " ").strip()  # the end-of-word marks become the spaces
 
 
 _BPE_CACHE = {}
