@@ -46,6 +46,7 @@ import html
 import math
 import os
 import unicodedata
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -186,7 +187,7 @@ class BPETokenizer:
 
     def __init__(self, merges_path):
         if not os.path.isfile(merges_path):
-            raise FileNotFoundError(f"clip: BPE merges file {merges_path!r} not found; pass the path "
+            raise FileNotFoundError(f"BPE merges file {merges_path!r} not found; pass the path "
                                     "of OpenAI's bpe_simple_vocab_16e6.txt.gz")
         with gzip.open(merges_path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")[1:]  # the first line is a version header
@@ -265,7 +266,7 @@ def tokenize(texts, context_length=77, tokenizer=None, truncate=False, trim=Fals
     for text, row in zip(texts, rows):
         if len(row) > context_length:
             if not truncate:
-                raise ValueError(f"clip: the text {text[:40]!r}... has {len(row)} tokens, more than the "
+                raise ValueError(f"the text {text[:40]!r}... has {len(row)} tokens, more than the "
                                  f"context length {context_length}; shorten it or pass truncate=True")
             row[context_length - 1:] = [tokenizer.eot]
     width = max(map(len, rows), default=1) if trim else context_length
@@ -294,7 +295,7 @@ class MultiheadSelfAttention(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
         if width % heads:
-            raise ValueError(f"clip: width {width} is not divisible by {heads} heads; change one of them")
+            raise ValueError(f"width {width} is not divisible by {heads} heads; change one of them")
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
@@ -349,7 +350,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         if cfg.image_size % cfg.patch_size:
-            raise ValueError(f"clip: image_size {cfg.image_size} is not a multiple of patch_size "
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size "
                              f"{cfg.patch_size}; change one of them")
         W, grid = cfg.vision_width, cfg.image_size // cfg.patch_size
         self.conv1 = nn.Conv2d(cfg.in_channels, W, cfg.patch_size, stride=cfg.patch_size, bias=False)
@@ -409,7 +410,7 @@ class CLIP(nn.Module):
         """Texts -> (N, context_length) token ids on the model's device (see `tokenize`)."""
         tokenizer = self.tokenizer
         if tokenizer.vocab_size > self.cfg.vocab_size:
-            raise ValueError(f"clip: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
                              f"{self.cfg.vocab_size}; set bpe_path to OpenAI's merges file for OpenAI's weights")
         ids = tokenize(texts, self.cfg.context_length, tokenizer, truncate=truncate, trim=trim)
         return ids.to(self.logit_scale.device)
@@ -418,7 +419,7 @@ class CLIP(nn.Module):
         """(B, C, H, W) in [-1, 1] -> image features I_f W_i, (B, embed_dim), not normalised."""
         size = self.cfg.image_size
         if image.shape[-2:] != (size, size):
-            raise ValueError(f"clip: images are {tuple(image.shape[-2:])} but this model takes "
+            raise ValueError(f"images are {tuple(image.shape[-2:])} but this model takes "
                              f"{size}x{size}; resize them first")
         if self.cfg.openai_normalize:
             image = ((image + 1) / 2 - self.pixel_mean) / self.pixel_std
@@ -461,6 +462,9 @@ class CLIP(nn.Module):
         """
         image, captions = batch["image"], batch["caption"]
         distinct = list(dict.fromkeys(captions))
+        if "" in distinct:
+            raise ValueError("CLIP learns from captions, and this batch has images without one "
+                             "(a folder without .txt captions?); give every image a caption")
         column = {c: j for j, c in enumerate(distinct)}
         target = torch.tensor([column[c] for c in captions], device=image.device)  # (B,)
         logits = self.rank_captions(image, distinct, truncate=True)  # (B, U)
@@ -487,19 +491,15 @@ class CLIP(nn.Module):
         candidates = list(dict.fromkeys(candidates or captions))
         column = {c: j for j, c in enumerate(candidates)}
         if any(c not in column for c in captions):
-            raise ValueError("clip: every caption must be among the candidates; add the missing ones")
+            raise ValueError("every caption must be among the candidates; add the missing ones")
         target = torch.tensor([column[c] for c in captions], device=image.device)  # (B,)
         return (self.rank_captions(image, candidates).argmax(dim=1) == target).float().mean()
 
     @torch.no_grad()
     def evaluate(self, batch):
-        """Image -> text top-1 retrieval among the batch's distinct captions, and the loss."""
-        return {"retrieval_top1": self.retrieval_accuracy(batch["image"], batch["caption"]),
-                "loss": self.loss(batch)["loss"]}
-
-    def sample(self, n, **kwargs):
-        raise NotImplementedError("clip: CLIP embeds images and text but does not generate images; "
-                                  "use sample.py --eval for its retrieval accuracy, or unclip to generate")
+        """The loss, and image -> text top-1 retrieval among the batch's distinct captions."""
+        out = self.loss(batch)
+        return {"retrieval_top1": out["retrieval_top1"], "loss": out["loss"]}
 
     @torch.no_grad()
     def zero_shot_classifier(self, classnames, templates=("a photo of a {}.",)):
@@ -525,7 +525,7 @@ class CLIP(nn.Module):
 def config_from_state_dict(state_dict, bpe_path=""):
     """Infers a CLIPConfig from the tensor shapes of a ViT CLIP state dict (as OpenAI's build_model)."""
     if "visual.proj" not in state_dict:
-        raise ValueError("clip: this checkpoint has no visual.proj: it is a ResNet CLIP or not CLIP; "
+        raise ValueError("this checkpoint has no visual.proj: it is a ResNet CLIP or not CLIP; "
                          "only the ViT models are supported")
     count = lambda prefix: len({k.split(".")[len(prefix.split("."))] for k in state_dict  # noqa: E731
                                 if k.startswith(prefix + ".")})
@@ -550,9 +550,11 @@ def load_openai(path, bpe_path=""):
     bpe_simple_vocab_16e6.txt.gz) to tokenize text as the released models expect.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"clip: no file {path!r}; pass the path of a released CLIP .pt file")
+        raise FileNotFoundError(f"no file {path!r}; pass the path of a released CLIP .pt file")
     try:
-        state_dict = torch.jit.load(path, map_location="cpu").state_dict()
+        with warnings.catch_warnings():  # TorchScript is deprecated, but the released files are archives
+            warnings.simplefilter("ignore", DeprecationWarning)
+            state_dict = torch.jit.load(path, map_location="cpu").state_dict()
     except RuntimeError:  # not a TorchScript archive: a plain state dict
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
         state_dict = state_dict.get("state_dict", state_dict)

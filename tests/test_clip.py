@@ -4,6 +4,7 @@ import gzip
 import math
 import os
 import sys
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -261,7 +262,9 @@ def test_load_openai_round_trip(tmp_path, archive):
     sd.update(input_resolution=torch.tensor(16), context_length=torch.tensor(48), vocab_size=torch.tensor(300))
     path = str(tmp_path / "model.pt")
     if archive:
-        torch.jit.trace(_Archive(sd), torch.ones(1)).save(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.trace(_Archive(sd), torch.ones(1)).save(path)
     else:
         torch.save(sd, path)
     model = clip.load_openai(path)
@@ -314,5 +317,34 @@ def test_zero_shot_and_retrieval():
     assert 0.0 <= acc.item() <= 1.0
     with pytest.raises(ValueError, match="candidates"):
         model.retrieval_accuracy(batch["image"], batch["caption"], candidates=CAPTIONS[:2])
-    with pytest.raises(NotImplementedError, match="does not generate"):
-        model.sample(1)
+    assert not hasattr(model, "sample")  # CLIP embeds; it does not generate
+
+
+def test_captionless_batch_is_an_error():
+    batch = make_batch()
+    batch["caption"][1] = ""
+    with pytest.raises(ValueError, match="without one"):
+        make_model().loss(batch)
+
+
+# --- train.py and sample.py ---
+
+def test_cli_trains_resumes_and_evaluates(tmp_path, capsys):
+    import sample
+    import train
+    run = tmp_path / "clip"
+    small = ["--image-size", "16", "--patch-size", "8", "--vision-width", "32", "--vision-layers", "1",
+             "--vision-heads", "2", "--text-width", "32", "--text-layers", "1", "--text-heads", "2",
+             "--embed-dim", "16", "--batch-size", "8", "--data", "shapes:64", "--log-every", "2"]
+    assert train.main(["clip", *small, "--steps", "2", "--out", str(run)]) == 0
+    assert train.main(["clip", "--steps", "4", "--out", str(run), "--resume"]) == 0
+    assert not (run / "samples.png").exists()  # CLIP has nothing to sample
+    model, info = sample.load_model(run)
+    assert isinstance(model, clip.CLIP) and info["step"] == 4 and model.cfg.vision_width == 32
+    capsys.readouterr()
+    assert sample.main([str(run), "--eval", "16", "--batch-size", "16"]) == 0
+    assert "retrieval_top1" in capsys.readouterr().out
+    assert sample.main([str(run)]) == 2
+    assert "not a generative model" in capsys.readouterr().err
+    assert train.main(["clip", "--patch-size", "5", "--out", str(tmp_path / "bad")]) == 2
+    assert "not a multiple of patch_size" in capsys.readouterr().err
