@@ -451,7 +451,7 @@ MODELS = {
     "vae": Spec("vae", "VAE", "variational autoencoder (Kingma & Welling 2013)",
                 {"main": dict(steps=2000, batch_size=64, lr=2e-3)}),
     "clip": Spec("clip", "CLIP", "contrastive image-text embeddings, no samples (Radford et al. 2021)",
-                 {"main": dict(steps=1500, batch_size=128, lr=2e-3)}),
+                 {"main": dict(steps=1500, batch_size=128, lr=1e-3)}),
 }
 
 
