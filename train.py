@@ -459,6 +459,8 @@ MODELS = {
                    {"vqvae": dict(steps=1500, batch_size=32, lr=2e-3),
                     "prior_top": dict(steps=1500, batch_size=32, lr=2e-3),
                     "prior_bottom": dict(steps=1500, batch_size=32, lr=2e-3)}),
+    "clip": Spec("clip", "CLIP", "contrastive image-text embeddings, no samples (Radford et al. 2021)",
+                 {"main": dict(steps=1500, batch_size=128, lr=1e-3)}),
 }
 
 
