@@ -450,6 +450,10 @@ MODELS = {
                 {"main": dict(steps=1500, batch_size=64, lr=2e-3)}),
     "vae": Spec("vae", "VAE", "variational autoencoder (Kingma & Welling 2013)",
                 {"main": dict(steps=2000, batch_size=64, lr=2e-3)}),
+    "dalle": Spec("dalle", "DALLE", "discrete VAE, then a Transformer over text and image tokens "
+                  "(Ramesh et al. 2021)",
+                  {"dvae": dict(steps=1200, batch_size=32, lr=2e-3),
+                   "transformer": dict(steps=1500, batch_size=64, lr=1e-3)}),
 }
 
 

@@ -72,6 +72,18 @@ def test_logit_laplace_is_the_density_of_a_squashed_laplace():
     grid = torch.linspace(1e-6, 1 - 1e-6, 200001, dtype=torch.float64)
     pdf = torch.exp(-dalle.logit_laplace_nll(grid, mu.double(), ln_b.double()).double())
     assert abs(torch.trapezoid(pdf, grid).item() - 1) < 1e-3
+    # the discretized version used for training: a distribution over the 256 pixel values, with
+    # finite gradients even far from the data, and density x bin width for a narrow interior bin
+    for m, lb in ((0.3, -0.5), (-2.5, -3.0), (10.0, -6.0), (0.0, 2.0)):
+        mu_k = torch.full((256,), m, requires_grad=True)
+        nll = dalle.discretized_logit_laplace_nll(torch.arange(256) / 255, mu_k, torch.full((256,), lb), 0.1)
+        assert torch.exp(-nll.double()).sum().item() == pytest.approx(1, abs=1e-6)
+        nll.sum().backward()
+        assert torch.isfinite(mu_k.grad).all()
+    x01 = torch.tensor([100 / 255])
+    width = 0.8 / 255  # phi shrinks [0, 1] by 1 - 2 eps
+    expect = dalle.logit_laplace_nll(dalle.map_pixels(x01, 0.1), mu, ln_b) - math.log(width)
+    torch.testing.assert_close(dalle.discretized_logit_laplace_nll(x01, mu, ln_b, 0.1), expect, rtol=1e-4, atol=1e-4)
     # phi keeps pixels away from logit's poles and inverts exactly
     x01 = torch.tensor([0.0, 0.5, 1.0])
     assert dalle.map_pixels(x01, 0.1).tolist() == pytest.approx([0.1, 0.5, 0.9])
