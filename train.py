@@ -452,8 +452,8 @@ MODELS = {
                 {"main": dict(steps=2000, batch_size=64, lr=2e-3)}),
     "dalle": Spec("dalle", "DALLE", "discrete VAE, then a Transformer over text and image tokens "
                   "(Ramesh et al. 2021)",
-                  {"dvae": dict(steps=1200, batch_size=32, lr=2e-3),
-                   "transformer": dict(steps=1500, batch_size=64, lr=1e-3)}),
+                  {"dvae": dict(steps=1500, batch_size=32, lr=2e-3),
+                   "transformer": dict(steps=800, batch_size=32, lr=1e-3)}),
 }
 
 

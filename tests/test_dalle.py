@@ -110,11 +110,12 @@ def test_schedules_anneal_tau_and_ramp_beta(model):
         taus.append(model.tau)
         betas.append(model.beta)
     assert taus[0] == 1.0 and taus[-1] == pytest.approx(1 / 16)
-    assert betas[0] == 0.0 and betas[-1] == pytest.approx(6.6)
+    assert betas[0] == 0.0 and betas[-1] == pytest.approx(CFG.beta_max)
     assert all(a >= b for a, b in zip(taus, taus[1:])) and all(a <= b for a, b in zip(betas, betas[1:]))
     # beta is full after beta_ramp of the phase, tau after tau_anneal
     model.set_progress(int(100 * CFG.beta_ramp), 100, "dvae")
-    assert model.beta == pytest.approx(6.6)
+    assert model.beta == pytest.approx(CFG.beta_max)
+    assert PRESETS["dalle-12b"].beta_max == 6.6 and PRESETS["dalle-12b"].tau_end == 1 / 16
     tau, beta = model.tau, model.beta
     model.set_progress(0, 100, "transformer")  # other phases leave the schedules alone
     assert (model.tau, model.beta) == (tau, beta)
