@@ -28,6 +28,10 @@ SAMPLE_FLAGS = {
     "label": ("label", int, "class label for class-conditional models"),
     "prompt": ("prompt", str, "caption for text-conditional models"),
     "guidance-scale": ("guidance_scale", float, "classifier-free guidance scale"),
+    "top-k": ("top_k", int, "autoregressive priors: sample from the k most likely tokens"),
+    "top-p": ("top_p", float, "autoregressive priors: nucleus sampling, the smallest set holding p"),
+    "candidates": ("candidates", int, "DALL-E: draw N images per caption, keep the best (--rerank)"),
+    "rerank": ("rerank", str, "DALL-E: a CLIP run or checkpoint that scores the --candidates"),
 }
 EVAL_FLAGS = {
     "iwae-k": ("iwae_k", int, "VAE: importance samples of the IWAE bound in --eval"),
@@ -132,6 +136,24 @@ def model_kwargs(method, args, table, what):
     return out
 
 
+def clip_scorer(path, device):
+    """A CLIP checkpoint -> rerank(images, captions) -> cosine similarity of each pair (B,)."""
+    clip_model, info = load_model(path, device)
+    if not (hasattr(clip_model, "encode_image") and hasattr(clip_model, "encode_text")):
+        raise UsageError(f"--rerank {path}: a {info['model']} run cannot score images against "
+                         "captions; give a CLIP run")
+    size = info["config"]["image_size"]
+
+    def rerank(images, captions):
+        if images.shape[-1] != size:
+            images = torch.nn.functional.interpolate(images.float(), size=(size, size),
+                                                     mode="bilinear", antialias=True)
+        z_i = torch.nn.functional.normalize(clip_model.encode_image(images).float(), dim=-1)
+        z_t = torch.nn.functional.normalize(clip_model.encode_text(list(captions)).float(), dim=-1)
+        return (z_i * z_t).sum(-1)  # (B,)
+    return rerank
+
+
 def free_path(run, stem):
     """run/stem.png, or run/stem-1.png, ... : the first that does not exist yet."""
     p, k = run / f"{stem}.png", 1
@@ -190,6 +212,8 @@ def run(args):
         raise UsageError(f"{run_dir} has not finished phase {info['missing'][0]}; train it with "
                          f"python train.py {info['model']} --out {run_dir} --resume")
     kw = model_kwargs(model.sample, args, SAMPLE_FLAGS, "sampling")
+    if "rerank" in kw:
+        kw["rerank"] = clip_scorer(kw["rerank"], device)
     if args.eval_captions is not None:
         if "prompt" not in inspect.signature(model.sample).parameters:
             raise UsageError(f"--eval-captions needs a text-to-image model; {info['model']} "

@@ -461,6 +461,10 @@ MODELS = {
                     "prior_bottom": dict(steps=1500, batch_size=32, lr=2e-3)}),
     "clip": Spec("clip", "CLIP", "contrastive image-text embeddings, no samples (Radford et al. 2021)",
                  {"main": dict(steps=1500, batch_size=128, lr=1e-3)}),
+    "dalle": Spec("dalle", "DALLE", "discrete VAE, then a Transformer over text and image tokens "
+                  "(Ramesh et al. 2021)",
+                  {"dvae": dict(steps=1500, batch_size=32, lr=2e-3),
+                   "transformer": dict(steps=800, batch_size=32, lr=1e-3)}),
 }
 
 
