@@ -28,6 +28,8 @@ SAMPLE_FLAGS = {
     "label": ("label", int, "class label for class-conditional models"),
     "prompt": ("prompt", str, "caption for text-conditional models"),
     "guidance-scale": ("guidance_scale", float, "classifier-free guidance scale"),
+    "classifier": ("classifier", str, "checkpoint or run of a noisy classifier for classifier guidance"),
+    "classifier-scale": ("classifier_scale", float, "classifier guidance scale"),
 }
 EVAL_FLAGS = {
     "iwae-k": ("iwae_k", int, "VAE: importance samples of the IWAE bound in --eval"),
@@ -190,6 +192,8 @@ def run(args):
         raise UsageError(f"{run_dir} has not finished phase {info['missing'][0]}; train it with "
                          f"python train.py {info['model']} --out {run_dir} --resume")
     kw = model_kwargs(model.sample, args, SAMPLE_FLAGS, "sampling")
+    if "classifier" in kw:  # a second checkpoint: the classifier that guides sampling
+        kw["classifier"], _ = load_model(kw["classifier"], device, ema=not args.no_ema)
     if args.eval_captions is not None:
         if "prompt" not in inspect.signature(model.sample).parameters:
             raise UsageError(f"--eval-captions needs a text-to-image model; {info['model']} "
