@@ -219,8 +219,8 @@ def group_norm(channels, groups=32):
 
 
 class GroupNorm32(nn.GroupNorm):
-    def forward(self, x):
-        return super().forward(x.float()).to(x.dtype)
+    def forward(self, x):  # half precision inputs are normalised in float32
+        return super().forward(x.float()).to(x.dtype) if x.element_size() < 4 else super().forward(x)
 
 
 def tokenize(captions, text_ctx):
@@ -396,8 +396,8 @@ class AttentionPool2d(nn.Module):
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 (GLIDE's xf.py)."""
 
-    def forward(self, x):
-        return super().forward(x.float()).to(x.dtype)
+    def forward(self, x):  # half precision inputs are normalised in float32
+        return super().forward(x.float()).to(x.dtype) if x.element_size() < 4 else super().forward(x)
 
 
 class TextBlock(nn.Module):
