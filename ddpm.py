@@ -49,11 +49,52 @@ Glossary (paper symbol -> code name; names used by other code in brackets):
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# --- config ---
+
+
+@dataclass
+class DDPMConfig:
+    # data
+    image_size: int = 32                 # H = W of the images
+    in_channels: int = 3                 # C of the images
+    # U-Net (Ho et al. appendix B; Improved DDPM section 3 and appendix A)
+    ch: int = 128                        # channels at the first resolution
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)   # channel multiplier per resolution; len-1 downsamplings
+    num_res_blocks: int = 2              # residual blocks per resolution (the up path has one more)
+    attn_resolutions: tuple[int, ...] = (16,)  # feature-map sizes that get self-attention
+    num_heads: int = 1                   # attention heads (Ho: 1; Improved DDPM: 4)
+    dropout: float = 0.1                 # dropout inside the residual blocks
+    scale_shift_norm: bool = False       # Improved DDPM: GroupNorm(h) (1 + scale) + shift from the time embedding
+    # diffusion
+    T: int = 1000                        # number of diffusion steps
+    schedule: str = "linear"             # beta schedule: linear (Ho) or cosine (Improved DDPM eq. 17)
+    prediction: str = "eps"              # model target: eps, x_0 or v
+    variance: str = "fixed_large"        # fixed_small, fixed_large or learned_range (Improved DDPM eq. 15)
+    loss: str = "simple"                 # simple (Ho eq. 14), hybrid (Improved DDPM eq. 16) or vlb (eq. 18, importance-sampled t)
+
+
+PRESETS = {
+    # CPU in minutes (see README for the measured run): three resolutions, attention at 8x8,
+    # T = 1000 as the paper so every sampler of the paper can be tried on it
+    "tiny": DDPMConfig(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0),
+    # one GPU, hours: Ho's architecture at half width
+    "small": DDPMConfig(ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1),
+    # Ho et al. CIFAR-10 (appendix B; released run_cifar.py): 35,746,307 parameters ("35.7M")
+    "ddpm-cifar10": DDPMConfig(),
+    # Improved DDPM CIFAR-10 (section 3, appendix A; released README flags): learned sigma, 3 res blocks,
+    # attention at 16 and 8 with 4 heads, scale-shift norm, dropout 0.3, cosine schedule, T = 4000,
+    # L_hybrid: 52,546,438 parameters
+    "iddpm-cifar10": DDPMConfig(num_res_blocks=3, attn_resolutions=(16, 8), num_heads=4, dropout=0.3,
+                                scale_shift_norm=True, T=4000, schedule="cosine", variance="learned_range",
+                                loss="hybrid"),
+}
+
 
 # --- diffusion process ---
 
@@ -154,10 +195,11 @@ class GaussianDiffusion:
         if self.betas.dim() != 1 or not ((self.betas > 0) & (self.betas < 1)).all():
             raise ValueError("betas must be a 1-d tensor with values in (0, 1)")
         self.num_timesteps = T = len(self.betas)
-        self.timestep_map = torch.arange(T) if timestep_map is None else torch.as_tensor(timestep_map, dtype=torch.long)
+        self.timestep_map = (torch.arange(T, device=self.betas.device) if timestep_map is None
+                             else torch.as_tensor(timestep_map, dtype=torch.long, device=self.betas.device))
         self.alphas = 1.0 - self.betas
         self.alpha_bar = torch.cumprod(self.alphas, 0)                        # alpha_bar_t = prod_s alpha_s
-        self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+        self.alpha_bar_prev = torch.cat([self.alpha_bar.new_ones(1), self.alpha_bar[:-1]])
         self.sqrt_alpha_bar = self.alpha_bar.sqrt()
         self.sqrt_one_minus_alpha_bar = (1.0 - self.alpha_bar).sqrt()
         # Ho eq. 7: beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t
@@ -169,6 +211,16 @@ class GaussianDiffusion:
         # Ho eq. 7: mu_tilde_t = coef1 x_0 + coef2 x_t
         self.posterior_mean_coef1 = self.betas * self.alpha_bar_prev.sqrt() / (1.0 - self.alpha_bar)
         self.posterior_mean_coef2 = (1.0 - self.alpha_bar_prev) * self.alphas.sqrt() / (1.0 - self.alpha_bar)
+
+    def to(self, device):
+        """Move every table to `device` (in place; a no-op when already there), so that gathering
+        from them inside the training loop never copies from the host."""
+        device = torch.device(device)
+        if self.betas.device != device:
+            for k, v in vars(self).items():
+                if torch.is_tensor(v):
+                    setattr(self, k, v.to(device))
+        return self
 
     # --- respacing ---
 
@@ -184,7 +236,7 @@ class GaussianDiffusion:
             return self
         kept = space_timesteps(self.num_timesteps, steps)
         ab = self.alpha_bar[kept]
-        betas = 1.0 - ab / torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        betas = 1.0 - ab / torch.cat([ab.new_ones(1), ab[:-1]])
         return GaussianDiffusion(betas, self.prediction, self.variance, self.loss_type,
                                  timestep_map=self.timestep_map[kept])
 
@@ -296,7 +348,8 @@ class GaussianDiffusion:
         """Shift the ancestral mean by Sigma grad_x log p(y | x_t) (Dhariwal & Nichol 2021, alg. 1).
 
         A hook for classifier guidance (guided.py); cond_fn(x_t, t_orig, **model_kwargs) returns
-        the (scaled) gradient, shape of x_t.
+        the (scaled) gradient, shape of x_t. The samplers run under no_grad, so cond_fn must
+        enable gradients itself (torch.enable_grad()).
         """
         grad = cond_fn(x_t, self.timestep_map.to(x_t.device)[t], **(model_kwargs or {}))
         return p["mean"] + p["variance"] * grad.to(p["mean"].dtype)
@@ -446,3 +499,268 @@ class GaussianDiffusion:
         vb = torch.stack(vb, 1)                                               # (B, T)
         prior = self.prior_bpd(x_0.to(vb.dtype))
         return {"bpd": vb.sum(1) + prior, "prior_bpd": prior, "vb": vb}
+
+
+# --- U-Net ---
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of the (original) time index, as the Transformer's positions (Ho et al.
+    appendix B): [sin(t w_i), cos(t w_i)], w_i = 10000^(-i / (dim/2 - 1)). t: (B,) -> (B, dim)."""
+    half = dim // 2
+    w = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half - 1, 1))
+    arg = t.float()[:, None] * w[None]                                    # (B, dim/2)
+    return torch.cat([torch.sin(arg), torch.cos(arg)], 1)                 # (B, dim)
+
+
+def norm(channels):
+    """GroupNorm with 32 groups (Ho et al. replace weight norm by group norm, appendix B); fewer
+    when a small config has channel counts that 32 does not divide."""
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def zero_init(module):
+    """Zero a layer's parameters, so a residual branch starts as the identity (Ho's released code)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Wide-ResNet block with the time embedding added between the two convolutions (Ho et al.
+    appendix B). With scale_shift_norm (Improved DDPM) the embedding gives (scale, shift) and
+    h = GroupNorm(h) (1 + scale) + shift instead of h + emb. (B, C_in, H, W) -> (B, C_out, H, W)."""
+
+    def __init__(self, c_in, c_out, emb_dim, dropout, scale_shift_norm):
+        super().__init__()
+        self.scale_shift_norm = scale_shift_norm
+        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * c_out if scale_shift_norm else c_out)
+        self.norm2, self.dropout = norm(c_out), nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]                 # (B, C_out or 2 C_out, 1, 1)
+        if self.scale_shift_norm:
+            scale, shift = e.chunk(2, 1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Self-attention over the H W positions (Ho et al. appendix B: one head; Improved DDPM: several),
+    residual, with the output projection zero-initialised. (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, channels, num_heads):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"{channels} channels do not split into {num_heads} attention heads; change num_heads")
+        self.num_heads = num_heads
+        self.norm = norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        nh = self.num_heads
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, nh, C // nh, H * W)   # (B, 3, nh, hs, HW)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)                         # each (B, nh, HW, hs)
+        h = F.scaled_dot_product_attention(q, k, v)                       # (B, nh, HW, hs)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)                       # (B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 convolution (Ho's resamp_with_conv)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour, then a 3x3 convolution (Ho's resamp_with_conv)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """Ho et al.'s U-Net (a PixelCNN++-style backbone, appendix B), the Improved DDPM variant by config.
+
+    forward(x_t, t): x_t (B, C, H, W), t (B,) long original time index -> (B, C, H, W), or
+    (B, 2C, H, W) under learned_range (eps and Improved DDPM's v of eq. 15).
+    Down path: per resolution `num_res_blocks` ResBlocks (+ attention where listed), then a
+    Downsample except at the last; middle: ResBlock, attention, ResBlock; up path: per resolution
+    `num_res_blocks + 1` ResBlocks, each fed the concatenation with a stored down-path activation.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        cfg = self.config = config
+        ch, emb_dim = cfg.ch, 4 * cfg.ch
+        c_out = cfg.in_channels * (2 if cfg.variance == "learned_range" else 1)
+        res_block = lambda c_in, c_out_: ResBlock(c_in, c_out_, emb_dim, cfg.dropout, cfg.scale_shift_norm)
+        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_chans, c, res = [ch], ch, cfg.image_size
+        for level, mult in enumerate(cfg.ch_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [res_block(c, ch * mult)]
+                c = ch * mult
+                if res in cfg.attn_resolutions:
+                    layers.append(AttnBlock(c, cfg.num_heads))
+                self.down.append(nn.ModuleList(layers))
+                skip_chans.append(c)
+            if level != len(cfg.ch_mult) - 1:
+                self.down.append(nn.ModuleList([Downsample(c)]))
+                skip_chans.append(c)
+                res //= 2
+        self.mid = nn.ModuleList([res_block(c, c), AttnBlock(c, cfg.num_heads), res_block(c, c)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.ch_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res_block(c + skip_chans.pop(), ch * mult)]
+                c = ch * mult
+                if res in cfg.attn_resolutions:
+                    layers.append(AttnBlock(c, cfg.num_heads))
+                if level != 0 and i == cfg.num_res_blocks:
+                    layers.append(Upsample(c))
+                    res *= 2
+                self.up.append(nn.ModuleList(layers))
+        self.norm_out = norm(c)
+        self.conv_out = zero_init(nn.Conv2d(c, c_out, 3, padding=1))
+
+    @staticmethod
+    def _run(layers, h, emb):
+        for layer in layers:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+    def forward(self, x, t):
+        emb = self.time_embed(timestep_embedding(t, self.config.ch))      # (B, 4 ch)
+        h = self.conv_in(x)
+        hs = [h]
+        for layers in self.down:
+            h = self._run(layers, h, emb)
+            hs.append(h)
+        h = self._run(self.mid, h, emb)
+        for layers in self.up:
+            h = self._run(layers, torch.cat([h, hs.pop()], 1), emb)     # (B, C + C_skip, H, W)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# --- the trainable model ---
+
+
+class DDPM(nn.Module):
+    """A U-Net eps/x_0/v model with its Gaussian diffusion: what train.py trains and sample.py samples.
+
+    loss(batch): L_simple, L_hybrid or L_vlb (config.loss) at uniformly drawn t, except that L_vlb
+    draws t by importance sampling (Improved DDPM eq. 18): p_t ∝ sqrt(E[L_t^2]) over the last 10
+    values of each L_t, uniform until every t has 10, mixed with 0.1% uniform as in the released
+    code, and each term weighted by 1 / (T p_t) so the estimate stays unbiased.
+    The history lives in buffers (saved with the checkpoint) and is updated without host syncs.
+    """
+
+    history_len = 10  # losses remembered per t for the importance sampler
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        if config.image_size % 2 ** (len(config.ch_mult) - 1):
+            raise ValueError(f"image_size {config.image_size} is not divisible by 2^{len(config.ch_mult) - 1} "
+                             f"(one halving per extra entry of ch_mult)")
+        self.net = UNet(config)
+        self.diffusion = GaussianDiffusion(make_beta_schedule(config.schedule, config.T),
+                                           config.prediction, config.variance, config.loss)
+        if config.loss == "vlb":
+            # row T is a scratch row that absorbs writes beyond the last 10 of one batch
+            self.register_buffer("loss_history", torch.zeros(config.T + 1, self.history_len, dtype=torch.float64))
+            self.register_buffer("loss_count", torch.zeros(config.T, dtype=torch.long))
+
+    def forward(self, x_t, t):
+        return self.net(x_t, t)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device) / .cuda() move the parameters; the float64 schedule tables follow them
+        out = super()._apply(fn, *args, **kwargs)
+        p = next(self.parameters(), None)
+        if p is not None:
+            self.diffusion.to(p.device)
+        return out
+
+    # --- importance sampling of t (Improved DDPM eq. 18) ---
+
+    def _importance_probs(self):
+        T = self.config.T
+        w = self.loss_history[:T].pow(2).mean(1).sqrt()                       # sqrt(E[L_t^2]), (T,)
+        p = w / w.sum().clamp(min=1e-300) * (1 - 1e-3) + 1e-3 / T
+        warm = (self.loss_count >= self.history_len).all()
+        return torch.where(warm, p, torch.full_like(p, 1.0 / T))
+
+    def _update_history(self, t, losses):
+        """Append each example's L_t to the ring buffer of its t; batch order decides ties."""
+        T, L = self.config.T, self.history_len
+        t_sorted, order = torch.sort(t, stable=True)
+        first = torch.searchsorted(t_sorted, t_sorted)                      # start of each t's group
+        rank = torch.arange(len(t), device=t.device) - first
+        n_t = torch.bincount(t, minlength=T)
+        keep = rank >= n_t[t_sorted] - L                                    # only the last L of a group
+        pos = (self.loss_count[t_sorted] + rank) % L
+        row = torch.where(keep, t_sorted, torch.full_like(t_sorted, T))
+        self.loss_history.index_put_((row, pos), losses.detach()[order].to(self.loss_history.dtype))
+        self.loss_count += n_t
+
+    # --- training, sampling, evaluation ---
+
+    def loss(self, batch):
+        x_0 = batch["image"]
+        B, T = x_0.shape[0], self.config.T
+        if self.config.loss == "vlb":
+            p = self._importance_probs()
+            t = torch.multinomial(p, B, replacement=True)
+            weight = (1.0 / (T * p[t])).float()
+        else:
+            t = torch.randint(0, T, (B,), device=x_0.device)
+            weight = None
+        terms = self.diffusion.training_losses(self.net, x_0, t)
+        if weight is not None:
+            if self.training and torch.is_grad_enabled():
+                self._update_history(t, terms["loss"])
+            terms["loss"] = terms["loss"] * weight
+        return {k: v.mean() for k, v in terms.items()}
+
+    @torch.no_grad()
+    def sample(self, n, steps=None, eta=None, clip_denoised=True, progress=None):
+        """n images (n, C, H, W) in [-1, 1]: ancestral (Ho algorithm 2) over all T steps, or over
+        `steps` respaced steps, or DDIM with `eta` (see GaussianDiffusion.sample_steps).
+        progress: a step counter on stderr; by default only when stderr is a terminal."""
+        if progress is None:
+            progress = sys.stderr.isatty()
+        cfg = self.config
+        shape = (n, cfg.in_channels, cfg.image_size, cfg.image_size)
+        x = self.diffusion.sample(self.net, shape, steps=steps, eta=eta, progress=progress,
+                                  clip_denoised=clip_denoised, device=_model_device(self))
+        return x.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def evaluate(self, batch):
+        """The exact VLB of the test images in bits/dim (Ho eq. 5, all T terms, the discretized
+        decoder L_0 and the prior term L_T); T network evaluations per batch. Also its parts."""
+        out = self.diffusion.calc_bpd(self.net, batch["image"].float())
+        return {"bpd": out["bpd"].mean(), "prior_bpd": out["prior_bpd"].mean(),
+                "decoder_bpd": out["vb"][:, 0].mean(), "diffusion_bpd": out["vb"][:, 1:].sum(1).mean()}
