@@ -206,6 +206,7 @@ def timestep_embedding(t, dim, max_period=10000):
     return F.pad(emb, (0, dim % 2))                                       # (B, dim)
 
 
+# Copied from ddpm.zero_init
 def zero_init(module):
     """Zero a layer's parameters, so a residual branch starts as the identity (Ho's released code)."""
     for p in module.parameters():
@@ -605,6 +606,7 @@ class NoisyClassifier(nn.Module):
     def loss(self, batch):
         """Cross-entropy of y given x_t at a uniform t (ADM section 4.1); labels -1 are skipped."""
         x_0, y = batch["image"], batch["label"]
+        self.diffusion.to(x_0.device)
         t = torch.randint(0, self.config.diffusion_steps, (x_0.shape[0],), device=x_0.device)
         logits = self(self.diffusion.q_sample(x_0, t), t)
         ce = F.cross_entropy(logits, y.clamp(min=0), reduction="none")
@@ -734,6 +736,7 @@ class ADM(nn.Module):
     def loss(self, batch):
         """L_hybrid (or L_simple) at a uniform t (Improved DDPM eq. 16), with condition dropout."""
         x_0 = batch["image"]
+        self.diffusion.to(x_0.device)  # tables beside the data: no host copies per step
         kw = self.training_kwargs(batch, x_0)
         t = torch.randint(0, self.config.diffusion_steps, (x_0.shape[0],), device=x_0.device)
         terms = self.diffusion.training_losses(self.unet, x_0, t, model_kwargs=kw)
@@ -807,7 +810,7 @@ class ADM(nn.Module):
                 raise ValueError(f"--label must be in 0..{cc.num_classes - 1} for this classifier")
             cond_fn = classifier_cond_fn(classifier, y, classifier_scale)
         shape = (n, c.in_channels, c.image_size, c.image_size)
-        x = self.diffusion.sample(model, shape, steps, eta, noise=noise, model_kwargs=kw, progress=progress,
+        x = self.diffusion.to(dev).sample(model, shape, steps, eta, noise=noise, model_kwargs=kw, progress=progress,
                                   cond_fn=cond_fn, device=dev)
         return x.clamp(-1, 1)
 
@@ -959,10 +962,11 @@ class GaussianDiffusion:
         if self.betas.dim() != 1 or not ((self.betas > 0) & (self.betas < 1)).all():
             raise ValueError("betas must be a 1-d tensor with values in (0, 1)")
         self.num_timesteps = T = len(self.betas)
-        self.timestep_map = torch.arange(T) if timestep_map is None else torch.as_tensor(timestep_map, dtype=torch.long)
+        self.timestep_map = (torch.arange(T, device=self.betas.device) if timestep_map is None
+                             else torch.as_tensor(timestep_map, dtype=torch.long, device=self.betas.device))
         self.alphas = 1.0 - self.betas
         self.alpha_bar = torch.cumprod(self.alphas, 0)                        # alpha_bar_t = prod_s alpha_s
-        self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+        self.alpha_bar_prev = torch.cat([self.alpha_bar.new_ones(1), self.alpha_bar[:-1]])
         self.sqrt_alpha_bar = self.alpha_bar.sqrt()
         self.sqrt_one_minus_alpha_bar = (1.0 - self.alpha_bar).sqrt()
         # Ho eq. 7: beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t
@@ -974,6 +978,16 @@ class GaussianDiffusion:
         # Ho eq. 7: mu_tilde_t = coef1 x_0 + coef2 x_t
         self.posterior_mean_coef1 = self.betas * self.alpha_bar_prev.sqrt() / (1.0 - self.alpha_bar)
         self.posterior_mean_coef2 = (1.0 - self.alpha_bar_prev) * self.alphas.sqrt() / (1.0 - self.alpha_bar)
+
+    def to(self, device):
+        """Move every table to `device` (in place; a no-op when already there), so that gathering
+        from them inside the training loop never copies from the host."""
+        device = torch.device(device)
+        if self.betas.device != device:
+            for k, v in vars(self).items():
+                if torch.is_tensor(v):
+                    setattr(self, k, v.to(device))
+        return self
 
     # --- respacing ---
 
@@ -989,7 +1003,7 @@ class GaussianDiffusion:
             return self
         kept = space_timesteps(self.num_timesteps, steps)
         ab = self.alpha_bar[kept]
-        betas = 1.0 - ab / torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        betas = 1.0 - ab / torch.cat([ab.new_ones(1), ab[:-1]])
         return GaussianDiffusion(betas, self.prediction, self.variance, self.loss_type,
                                  timestep_map=self.timestep_map[kept])
 
@@ -1101,7 +1115,8 @@ class GaussianDiffusion:
         """Shift the ancestral mean by Sigma grad_x log p(y | x_t) (Dhariwal & Nichol 2021, alg. 1).
 
         A hook for classifier guidance (guided.py); cond_fn(x_t, t_orig, **model_kwargs) returns
-        the (scaled) gradient, shape of x_t.
+        the (scaled) gradient, shape of x_t. The samplers run under no_grad, so cond_fn must
+        enable gradients itself (torch.enable_grad()).
         """
         grad = cond_fn(x_t, self.timestep_map.to(x_t.device)[t], **(model_kwargs or {}))
         return p["mean"] + p["variance"] * grad.to(p["mean"].dtype)
