@@ -455,13 +455,13 @@ MODELS = {
                  {"main": dict(steps=2000, batch_size=32, lr=1e-3)}),
     "adm": Spec("guided", "ADM", "class-conditional ADM with classifier-free guidance "
                 "(Dhariwal & Nichol 2021; Ho & Salimans 2021)",
-                {"main": dict(steps=1500, batch_size=32, lr=1e-3)}),
+                {"main": dict(steps=1500, batch_size=16, lr=1e-3)}),
     "classifier": Spec("guided", "NoisyClassifier", "noisy classifier for classifier guidance "
                        "(Dhariwal & Nichol 2021)",
                        {"main": dict(steps=1500, batch_size=32, lr=1e-3)}, "CLASSIFIER_PRESETS"),
     "glide": Spec("guided", "GLIDE", "text-to-image base model and upsampler (Nichol et al. 2021)",
-                  {"base": dict(steps=1500, batch_size=32, lr=1e-3),
-                   "upsample": dict(steps=500, batch_size=16, lr=1e-3)}, "GLIDE_PRESETS"),
+                  {"base": dict(steps=1000, batch_size=32, lr=1e-3),
+                   "upsample": dict(steps=400, batch_size=16, lr=1e-3)}, "GLIDE_PRESETS"),
 }
 
 
