@@ -33,12 +33,13 @@ Deviations and choices (stated openly):
   50,257-token embedding table so the counts match, but their ids are bytes, not GPT-2 BPE.
 - The null class of classifier-free guidance is an extra learned row of the label embedding,
   present only when `p_uncond > 0` (the ADM presets have none, so their counts match).
-- The upsampler's low-resolution input is the training image downsampled with area averaging; the
-  released GLIDE upsampler code does the same resize, without further corruption.
+- The upsampler's low-resolution input is the training image downsampled by area averaging, as in
+  guided-diffusion's super-resolution training script (GLIDE's training code is not released and
+  the paper does not say more); no further corruption is applied.
 - CLIP guidance uses the cosine of normalised embeddings times `logit_scale`, as the released
   GLIDE code does (the paper writes the dot product f(x_t) . g(c)).
 - The file is longer than STYLE.md's 800 lines because it carries ddpm.py's diffusion process as a
-  checked copy (rule 3); the guided part itself is about 800 lines.
+  checked copy (rule 3); the guided part itself is about 850 lines.
 
 Glossary (paper symbol -> code name):
   x_t, t, y         x_t, t, y (class label; `num_classes` is the null label when p_uncond > 0)
