@@ -649,6 +649,8 @@ class ClassifierFreeGuidance(nn.Module):
         kw = {}
         for k in set(cond) | set(self.uncond):
             a, b = cond.get(k), self.uncond.get(k, cond.get(k))
+            if a is None and b is not None:
+                raise ValueError(f"{k} is given for the unconditional half only")
             kw[k] = None if a is None else torch.cat([a, b.to(a.dtype)], 0)    # (2B, ...)
         out = self.model(torch.cat([x_t, x_t], 0), torch.cat([t, t], 0), **kw)  # (2B, C', H, W)
         out_c, out_u = out.chunk(2, 0)
