@@ -549,6 +549,8 @@ class UNet(nn.Module):
             if y is None:
                 raise ValueError("this UNet is class-conditional: pass y")
             emb = emb + self.label_emb(y)
+        if (cond is not None and not c.cond_dim) or (context is not None and not (c.context_dim or c.xf_width)):
+            raise ValueError("cond needs cond_dim > 0 and context needs context_dim > 0 in the config")
         if cond is not None:
             emb = emb + self.cond_proj(cond.to(emb.dtype))
         if c.xf_width:
