@@ -32,6 +32,8 @@ SAMPLE_FLAGS = {
     "top-p": ("top_p", float, "autoregressive priors: nucleus sampling, the smallest set holding p"),
     "candidates": ("candidates", int, "DALL-E: draw N images per caption, keep the best (--rerank)"),
     "rerank": ("rerank", str, "DALL-E: a CLIP run or checkpoint that scores the --candidates"),
+    "classifier": ("classifier", str, "checkpoint or run of a noisy classifier for classifier guidance"),
+    "classifier-scale": ("classifier_scale", float, "classifier guidance scale"),
 }
 EVAL_FLAGS = {
     "iwae-k": ("iwae_k", int, "VAE: importance samples of the IWAE bound in --eval"),
@@ -214,6 +216,8 @@ def run(args):
     kw = model_kwargs(model.sample, args, SAMPLE_FLAGS, "sampling")
     if "rerank" in kw:
         kw["rerank"] = clip_scorer(kw["rerank"], device)
+    if "classifier" in kw:  # a second checkpoint: the classifier that guides sampling
+        kw["classifier"], _ = load_model(kw["classifier"], device, ema=not args.no_ema)
     if args.eval_captions is not None:
         if "prompt" not in inspect.signature(model.sample).parameters:
             raise UsageError(f"--eval-captions needs a text-to-image model; {info['model']} "
