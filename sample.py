@@ -1,0 +1,241 @@
+"""Sample, reconstruct or evaluate any trained model from its checkpoint alone.
+
+    python sample.py CKPT_OR_RUN_DIR [-n N] [--out FILE.png] [--seed S] [--device ...] [--no-ema]
+                     [--reconstruct] [--eval [N]] [--eval-captions N] [model sampling flags]
+
+The model is rebuilt from the config stored in the checkpoint (loaded with weights_only=True), and
+the EMA weights are used unless --no-ema. Sampling flags (--steps, --eta, --temperature, --label,
+--prompt, ...) are passed to `model.sample` only when given; a flag the model does not take is an
+error. A missing, corrupt or unknown checkpoint is a one-line error with exit code 2.
+"""
+import argparse
+import inspect
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import train
+from train import UsageError
+
+# flag -> (keyword of model.sample / model.evaluate, type, help). Models take what they need.
+SAMPLE_FLAGS = {
+    "temperature": ("temperature", float, "sampling temperature (VAE, autoregressive priors)"),
+    "steps": ("steps", int, "diffusion sampling steps (respaced); default: all"),
+    "eta": ("eta", float, "DDIM eta; given, DDIM sampling replaces ancestral sampling"),
+    "label": ("label", int, "class label for class-conditional models"),
+    "prompt": ("prompt", str, "caption for text-conditional models"),
+    "guidance-scale": ("guidance_scale", float, "classifier-free guidance scale"),
+}
+EVAL_FLAGS = {
+    "iwae-k": ("iwae_k", int, "VAE: importance samples of the IWAE bound in --eval"),
+}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("path", help="a checkpoint file or a run directory")
+    p.add_argument("-n", type=int, default=64, help="number of images")
+    p.add_argument("--out", default=None, help="output PNG (default: a new file in the run dir)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward in --eval")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--reconstruct", action="store_true",
+                      help="autoencoders: test images beside their reconstructions")
+    mode.add_argument("--eval", nargs="?", const=-1, type=int, default=None, metavar="N",
+                      help="evaluate on N test images (default: the whole test split)")
+    mode.add_argument("--eval-captions", type=int, default=None, metavar="N",
+                      help="text-to-image models: sample N shapes test captions and report how "
+                           "often the image shows each attribute, judged from the pixels")
+    g = p.add_argument_group("model options (passed only when given)")
+    for flag, (_, t, h) in {**SAMPLE_FLAGS, **EVAL_FLAGS}.items():
+        g.add_argument("--" + flag, type=t, default=None, help=h)
+    return p
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def load_model(path, device="cpu", ema=True):
+    """Checkpoint file or run directory -> (model, info). Loads every phase found in the run."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("ckpt*.pt"))
+        if not files:
+            raise UsageError(f"{path}: no checkpoint (ckpt*.pt) in this directory; "
+                             f"train one with python train.py MODEL --out {path}")
+        first = files[0]
+    elif path.exists():
+        first = path
+    else:
+        raise UsageError(f"{path}: no such checkpoint or run directory")
+    ck = _load(first, device)
+    name = ck.get("model")
+    if name not in train.MODELS:
+        raise UsageError(f"{first} holds a checkpoint of unknown model {name!r}; "
+                         f"known: {', '.join(train.MODELS)}")
+    cls = train.model_class(name)
+    config_cls = type(train.presets(name)["tiny"])
+    try:
+        model = cls(train.config_from_dict(config_cls, ck["config"]))
+    except (TypeError, ValueError, KeyError) as e:
+        raise UsageError(f"{first}: its config does not build a {name} model ({e})")
+    run = first.parent
+    loaded = []
+    for phase in train.phases_of(cls):
+        f = run / train.ckpt_name(cls, phase)
+        if not f.exists():
+            continue
+        c = ck if f == first else _load(f, device)
+        try:
+            train.phase_module(model, phase).load_state_dict(c["ema" if ema else "state_dict"])
+        except (RuntimeError, KeyError) as e:
+            raise UsageError(f"{f}: its weights do not fit the {name} model ({str(e)[:120]})")
+        loaded.append(phase)
+    model.to(device).eval()
+    info = {"model": name, "run": run, "phases": loaded,
+            "missing": [ph for ph in train.phases_of(cls) if ph not in loaded],
+            "config": ck["config"], "data": ck.get("hparams", {}).get("data", "shapes"),
+            "step": ck.get("step")}
+    return model, info
+
+
+def _load(f, device):
+    try:
+        ck = torch.load(f, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{f} is not a readable checkpoint ({type(e).__name__}); "
+                         "it may be truncated: use another checkpoint")
+    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
+        raise UsageError(f"{f} is not a checkpoint of this project (no model/config entries)")
+    return ck
+
+
+def model_kwargs(method, args, table, what):
+    """The given flags of `table` as keyword arguments of `method`; unknown ones are errors."""
+    params = inspect.signature(method).parameters
+    out = {}
+    for flag, (kw, _, _) in table.items():
+        v = getattr(args, flag.replace("-", "_"))
+        if v is None:
+            continue
+        if kw not in params:
+            raise UsageError(f"--{flag} is not an option of this model's {what}")
+        out[kw] = v
+    return out
+
+
+def free_path(run, stem):
+    """run/stem.png, or run/stem-1.png, ... : the first that does not exist yet."""
+    p, k = run / f"{stem}.png", 1
+    while p.exists():
+        p, k = run / f"{stem}-{k}.png", k + 1
+    return p
+
+
+def test_batches(info, config, n, batch_size, device):
+    ds = train.make_dataset(info["data"], "test", config.get("image_size", 32))
+    n = len(ds) if n is None or n < 0 else min(n, len(ds))
+    in_ch = config.get("in_channels", 3)
+    for i in range(0, n, batch_size):
+        items = [ds[j] for j in range(i, min(n, i + batch_size))]
+        yield train.to_device(torch.utils.data.default_collate(items), device, in_ch)
+
+
+def run(args):
+    d, device = train.setup_dist(args.device)
+    model, info = load_model(args.path, device, ema=not args.no_ema)
+    torch.manual_seed(args.seed)
+    run_dir = info["run"]
+    ac = train.autocast(device, args.precision)
+    t0 = time.time()
+    if args.eval is not None:
+        if not hasattr(model, "evaluate"):
+            raise UsageError(f"{info['model']} has no evaluation figures")
+        kw = model_kwargs(model.evaluate, args, EVAL_FLAGS, "evaluation")
+        sums, count = {}, 0
+        with torch.no_grad(), ac:
+            for batch in test_batches(info, info["config"], args.eval, args.batch_size, device):
+                out = model.evaluate(batch, **kw)
+                b = len(batch["caption"])
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * b
+                count += b
+        print(f"{info['model']} on {count} test images ({info['data']}):")
+        for k, v in sums.items():
+            print(f"  {k}: {v / count:.4f}")
+        print(f"  time: {time.time() - t0:.1f}s")
+        return 0
+    if args.reconstruct:
+        if not hasattr(model, "reconstruct"):
+            raise UsageError(f"{info['model']} is not an autoencoder; --reconstruct needs one")
+        batch = next(test_batches(info, info["config"], args.n, args.n, device))
+        with torch.no_grad(), ac:
+            x_hat = model.reconstruct(batch["image"]).float()
+        out = Path(args.out) if args.out else free_path(run_dir, f"recon_s{args.seed}")
+        train.save_grid(train.interleave(batch["image"], x_hat), out,
+                        nrow=2 * max(1, math.ceil(math.sqrt(args.n / 2))))
+        print(f"wrote {out}: {len(x_hat)} test images beside their reconstructions")
+        return 0
+    if not hasattr(model, "sample"):
+        raise UsageError(f"{info['model']} is not a generative model; it has no samples")
+    if info["missing"]:
+        raise UsageError(f"{run_dir} has not finished phase {info['missing'][0]}; train it with "
+                         f"python train.py {info['model']} --out {run_dir} --resume")
+    kw = model_kwargs(model.sample, args, SAMPLE_FLAGS, "sampling")
+    if args.eval_captions is not None:
+        if "prompt" not in inspect.signature(model.sample).parameters:
+            raise UsageError(f"--eval-captions needs a text-to-image model; {info['model']} "
+                             "takes no --prompt")
+        if not info["data"].startswith("shapes"):
+            raise UsageError("--eval-captions judges shapes images; this model was trained on "
+                             f"{info['data']}")
+        ds = train.make_dataset("shapes", "test", info["config"].get("image_size", 32))
+        captions = [ds[i]["caption"] for i in range(min(args.eval_captions, len(ds)))]
+        images = []
+        with torch.no_grad(), ac:
+            for i in range(0, len(captions), args.batch_size):
+                chunk = captions[i:i + args.batch_size]
+                images.append(model.sample(len(chunk), **{**kw, "prompt": chunk}).float().cpu())
+        images = torch.cat(images)
+        acc = train.caption_accuracy(images, captions)
+        print(f"{info['model']}: {len(captions)} shapes test captions, judged from the pixels:")
+        for k, v in acc.items():
+            print(f"  {k}: {100 * v:.1f}%")
+        out = Path(args.out) if args.out else free_path(run_dir, f"eval_captions_s{args.seed}")
+        train.save_grid(images[:64], out)
+        print(f"  time: {time.time() - t0:.1f}s; first 64 images in {out}")
+        return 0
+    try:
+        with torch.no_grad(), ac:
+            images = model.sample(args.n, **kw)
+    except NotImplementedError as e:
+        raise UsageError(str(e))
+    except ValueError as e:
+        raise UsageError(str(e))
+    out = Path(args.out) if args.out else free_path(run_dir, f"sample_s{args.seed}")
+    train.save_grid(images, out)
+    print(f"wrote {out}: {args.n} samples in {time.time() - t0:.1f}s")
+    return 0
+
+
+def main(argv=None):
+    parser = build_parser()
+    parser.__class__ = Parser
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+        return run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The data sets of train.py: the built-in shapes, folders, MNIST and CIFAR-10 files."""
+import gzip
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from train import ShapesDataset
+
+
+def test_shapes_items_and_determinism():
+    ds = ShapesDataset(50, 32, seed=3)
+    item = ds[7]
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
+    assert item["image"].min() >= -1 and item["image"].max() <= 1
+    assert torch.equal(item["image"], ShapesDataset(50, 32, seed=3)[7]["image"])
+    assert not torch.equal(item["image"], ShapesDataset(50, 32, seed=4)[7]["image"])
+    assert 0 <= item["label"] < 18 and ShapesDataset.num_classes == 18
+    with pytest.raises(IndexError):
+        ds[50]
+
+
+def test_shapes_pixels_are_black_or_the_pure_colour():
+    for i in range(30):
+        item = ShapesDataset(30, 32)[i]
+        a = train.parse_caption(item["caption"])
+        px = ((item["image"] + 1) * 127.5).round().long().reshape(3, -1).T
+        colours = {tuple(p.tolist()) for p in px}
+        assert colours == {(0, 0, 0), train.COLORS[a["color"]]}
+
+
+def test_captions_and_labels_follow_the_factors():
+    ds = ShapesDataset(300, 32, seed=0)
+    seen = set()
+    for i in range(len(ds)):
+        item, a = ds[i], ds.attributes(i)
+        assert item["caption"] == f"a {a['size']} {a['color']} {a['shape']} at the {a['position']}"
+        assert item["label"] == train.SHAPES.index(a["shape"]) * 6 + list(train.COLORS).index(a["color"])
+        cell = train.POSITIONS.index(a["position"])
+        assert int(a["cy"] * 3 / 32) == cell // 3 and int(a["cx"] * 3 / 32) == cell % 3
+        seen.add(a["position"])
+    assert seen == set(train.POSITIONS)
+
+
+def test_train_and_test_splits_differ():
+    tr, te = ShapesDataset(200, 32, split="train"), ShapesDataset(200, 32, split="test")
+    assert not any(torch.equal(tr[i]["image"], te[i]["image"]) for i in range(20))
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_judge_reads_the_true_attributes(size):
+    ds = ShapesDataset(400, size, split="test")
+    batch = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    acc = train.caption_accuracy(batch, [ds[i]["caption"] for i in range(len(ds))])
+    assert acc["all"] >= 0.97, acc
+    # and it can fail: a wrong caption is judged wrong
+    wrong = ["a small red circle at the center" if ds[i]["caption"] != "a small red circle at the center"
+             else "a large blue square at the top" for i in range(len(ds))]
+    assert train.caption_accuracy(batch, wrong)["all"] < 0.05
+
+
+def test_judge_ignores_stray_pixels_and_handles_blank():
+    ds = ShapesDataset(10, 32)
+    x = ds[0]["image"].clone()
+    x[:, 0, 31] = 1.0  # one white stray pixel far from the shape
+    assert train.judge_shapes(x[None])[0] == train.parse_caption(ds[0]["caption"])
+    assert train.judge_shapes(-torch.ones(1, 3, 32, 32)) == [None]
+
+
+def test_folder_dataset(tmp_path):
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a red thing\n")
+    Image.new("L", (16, 16), 128).save(tmp_path / "sub" / "b.jpg")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ds = train.make_dataset(f"folder:{tmp_path}", "train", 32)
+    assert len(ds) == 2 and any("skipped 1 unreadable" in str(x.message) for x in w)
+    a, b = ds[0], ds[1]
+    assert a["image"].shape == (3, 32, 32) and a["caption"] == "a red thing"
+    assert torch.allclose(a["image"][0], torch.ones(32, 32)) and b["caption"] == ""
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(train.UsageError, match="no such folder"):
+        train.make_dataset(f"folder:{tmp_path}/nope", "train", 32)
+    with pytest.raises(train.UsageError, match="no readable images"):
+        train.make_dataset(f"folder:{tmp_path}", "train", 32)
+    with pytest.raises(train.UsageError, match="unknown data set"):
+        train.make_dataset("imagenet:/x", "train", 32)
+    with pytest.raises(train.UsageError, match="give a path"):
+        train.make_dataset("mnist", "train", 32)
+
+
+def _idx(arr, path, gz):
+    head = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    data = head + arr.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_idx_files(tmp_path, gz):
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 28, 28))
+    sfx = ".gz" if gz else ""
+    _idx(imgs, tmp_path / f"t10k-images-idx3-ubyte{sfx}", gz)
+    _idx(np.array([7, 1, 2, 3, 4]), tmp_path / f"t10k-labels-idx1-ubyte{sfx}", gz)
+    ds = train.make_dataset(f"mnist:{tmp_path}", "test", 28)
+    item = ds[0]
+    assert len(ds) == 5 and item["label"] == 7 and item["caption"] == "the digit 7"
+    expect = torch.from_numpy(imgs[0]).float() / 127.5 - 1
+    assert torch.allclose(item["image"][1], expect)
+    with pytest.raises(train.UsageError, match="train-images"):
+        train.make_dataset(f"mnist:{tmp_path}", "train", 28)
+
+
+def test_cifar10_batches(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ["test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]:
+        d = {b"data": rng.integers(0, 256, (4, 3072)).astype(np.uint8), b"labels": [3, 0, 1, 2]}
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump(d, f)
+    ds = train.make_dataset(f"cifar10:{tmp_path}", "train", 32)
+    assert len(ds) == 20 and ds[0]["caption"] == "a photo of a cat"
+    assert ds[1]["caption"] == "a photo of an airplane" and ds[0]["image"].shape == (3, 32, 32)
+
+
+def test_step_batches_resume_exactly():
+    full = list(train.StepBatches(100, 8, seed=1, start=0, total=30))
+    assert full[20:] == list(train.StepBatches(100, 8, seed=1, start=20, total=30))
+    assert all(len(b) == 8 for b in full) and len(set(full[0]) | set(full[5])) == 16
+    r0 = list(train.StepBatches(100, 8, 1, 0, 5, rank=0, world=2))
+    r1 = list(train.StepBatches(100, 8, 1, 0, 5, rank=1, world=2))
+    assert not set(sum(r0, [])) & set(sum(r1, []))
+    with pytest.raises(train.UsageError, match="fewer than one batch"):
+        train.StepBatches(4, 8, 0, 0, 1)
