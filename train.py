@@ -450,6 +450,13 @@ MODELS = {
                 {"main": dict(steps=1500, batch_size=64, lr=2e-3)}),
     "vae": Spec("vae", "VAE", "variational autoencoder (Kingma & Welling 2013)",
                 {"main": dict(steps=3000, batch_size=64, lr=2e-3)}),
+    "unclip": Spec("unclip", "UnCLIP", "unCLIP / DALL-E 2: CLIP, prior, decoder, upsamplers "
+                   "(Ramesh et al. 2022); --prior diffusion|ar",
+                   {"clip": dict(steps=1000, batch_size=64, lr=1e-3),
+                    "prior": dict(steps=1000, batch_size=64, lr=1e-3),
+                    "decoder": dict(steps=2000, batch_size=32, lr=1e-3),
+                    "upsampler1": dict(steps=600, batch_size=32, lr=1e-3),
+                    "upsampler2": dict(steps=400, batch_size=32, lr=1e-3)}),
 }
 
 

@@ -117,7 +117,7 @@ class DecoderConfig:
 def _upsampler_unet(**kw):
     """An unconditional, attention-free ADMNet upsampler (appendix C, Table 3)."""
     base = dict(image_size=256, low_res_size=64, model_channels=320, channel_mult=(1, 2, 3, 4),
-                num_res_blocks=3, attention_resolutions=(), learn_sigma=False, dropout=0.1,
+                num_res_blocks=3, attention_resolutions=(), num_head_channels=-1, learn_sigma=False, dropout=0.1,
                 noise_schedule="cosine", p_uncond=0.0)
     return guided.ADMConfig(**{**base, **kw})
 
@@ -171,11 +171,13 @@ def _tiny():
             xf_heads=2, noise_schedule="cosine", p_uncond=0.0), sample_steps=50),
         upsampler1=UpsamplerConfig(unet=guided.ADMConfig(
             image_size=32, low_res_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-            attention_resolutions=(), learn_sigma=False, noise_schedule="cosine", p_uncond=0.0),
+            attention_resolutions=(), num_head_channels=-1, learn_sigma=False, noise_schedule="cosine",
+            p_uncond=0.0),
             degradation="blur", crop_fraction=0.5, sample_steps=10),
         upsampler2=UpsamplerConfig(unet=guided.ADMConfig(
             image_size=64, low_res_size=32, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=16,
-            attention_resolutions=(), learn_sigma=False, noise_schedule="linear", p_uncond=0.0),
+            attention_resolutions=(), num_head_channels=-1, learn_sigma=False, noise_schedule="linear",
+            p_uncond=0.0),
             degradation="bsr", crop_fraction=0.25, sample_steps=5))
 
 
@@ -198,6 +200,13 @@ def timestep_embedding(t, dim, max_period=10000):
     args = t.float()[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
     return F.pad(emb, (0, dim % 2))
+
+
+def make_diffusion(schedule, T, **kw):
+    """A `ddpm.GaussianDiffusion`; its float64 tables stay on the CPU even when the model is built on
+    the meta device (parameter counting)."""
+    with torch.device("cpu"):
+        return ddpm.GaussianDiffusion(ddpm.make_beta_schedule(schedule, T), **kw)
 
 
 def resize(x, size):
@@ -223,6 +232,13 @@ def slerp(a, b, theta):
     out = torch.sin((1 - theta) * w) / s * a + torch.sin(theta * w) / s * b
     near = dot > 1 - 1e-5  # almost parallel: sin(w) ~ 0, linear interpolation is exact enough
     return torch.where(near, (1 - theta) * a + theta * b, out)
+
+
+def top_half(p):
+    """A distribution over ordered buckets (B, n) restricted to its top half: the buckets wholly
+    below the median get no mass, the rest is renormalised (section 2.2, the AR prior's dot token)."""
+    p = p.masked_fill(p.cumsum(-1) <= 0.5 + 1e-6, 0)  # CDF(k) <= 1/2: bucket k lies below the median
+    return p / p.sum(-1, keepdim=True)
 
 
 def cfg_combine(out_cond, out_uncond, scale):
@@ -257,8 +273,7 @@ class DiffusionPrior(nn.Module):
         self.ln_final = nn.LayerNorm(W)
         self.out = nn.Linear(W, embed_dim)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
-        self.diffusion = ddpm.GaussianDiffusion(ddpm.make_beta_schedule(cfg.schedule, cfg.timesteps),
-                                                prediction="x_0", variance="fixed_small")
+        self.diffusion = make_diffusion(cfg.schedule, cfg.timesteps, prediction="x_0")
 
     def forward(self, x_t, t, text, z_t):
         """x_t: (B, D) noised scaled z_i; t: (B,) long; text: (B, text_ctx) ids; z_t: (B, D) unit
@@ -447,7 +462,7 @@ class ARPrior(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
 
     @torch.no_grad()
-    def sample(self, text, z_t, temperature=1.0, top_half=True):
+    def sample(self, text, z_t, temperature=1.0, dot_top_half=True):
         """Draws the dot token (from the top half of its distribution), then the K codes in order.
 
         "Top half": the buckets above the median of the predicted dot-product distribution
@@ -456,10 +471,7 @@ class ARPrior(nn.Module):
         """
         B = text.shape[0]
         p = self.logits(text, z_t, None, None)[:, 0].float().softmax(-1)  # (B, buckets)
-        if top_half:
-            below = p.cumsum(-1) <= 0.5  # buckets whose mass lies wholly below the median
-            p = p.masked_fill(below, 0)
-        dot = torch.multinomial(p / p.sum(-1, keepdim=True), 1)[:, 0]  # (B,)
+        dot = torch.multinomial(top_half(p) if dot_top_half else p, 1)[:, 0]  # (B,)
         codes = torch.zeros(B, 0, dtype=torch.long, device=text.device)
         for _ in range(self.cfg.components):
             logits = self.logits(text, z_t, dot, codes)[:, -1].float()  # (B, buckets)
@@ -491,10 +503,9 @@ class Decoder(nn.Module):
         self.cfg, self.width = cfg, width
         self.unet = guided.UNet(u)
         self.to_tokens = nn.Linear(embed_dim, cfg.context_tokens * width)
-        self.diffusion = ddpm.GaussianDiffusion(
-            ddpm.make_beta_schedule(u.noise_schedule, u.diffusion_steps), prediction="eps",
-            variance="learned_range" if u.learn_sigma else "fixed_small",
-            loss="hybrid" if u.learn_sigma else "simple")
+        self.diffusion = make_diffusion(u.noise_schedule, u.diffusion_steps, prediction="eps",
+                                        variance="learned_range" if u.learn_sigma else "fixed_small",
+                                        loss="hybrid" if u.learn_sigma else "simple")
 
     def forward(self, x_t, t, z_i, tokens=None, mask=None):
         """x_t (B, C, H, W), t (B,), z_i (B, D) unit (zeros: no embedding), tokens/mask (B, L) of the
@@ -604,10 +615,9 @@ class Upsampler(nn.Module):
         self.unet = guided.UNet(u)
         # ADM's middle block always holds an attention layer; the paper's upsamplers use none
         self.unet.middle_block[1] = nn.Identity()
-        self.diffusion = ddpm.GaussianDiffusion(
-            ddpm.make_beta_schedule(u.noise_schedule, u.diffusion_steps), prediction="eps",
-            variance="learned_range" if u.learn_sigma else "fixed_small",
-            loss="hybrid" if u.learn_sigma else "simple")
+        self.diffusion = make_diffusion(u.noise_schedule, u.diffusion_steps, prediction="eps",
+                                        variance="learned_range" if u.learn_sigma else "fixed_small",
+                                        loss="hybrid" if u.learn_sigma else "simple")
 
     def forward(self, x_t, t, low_res):
         return self.unet(x_t, t, low_res=low_res)
