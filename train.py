@@ -452,11 +452,11 @@ MODELS = {
                 {"main": dict(steps=3000, batch_size=64, lr=2e-3)}),
     "unclip": Spec("unclip", "UnCLIP", "unCLIP / DALL-E 2: CLIP, prior, decoder, upsamplers "
                    "(Ramesh et al. 2022); --prior diffusion|ar",
-                   {"clip": dict(steps=1000, batch_size=64, lr=1e-3),
-                    "prior": dict(steps=1000, batch_size=64, lr=1e-3),
-                    "decoder": dict(steps=2000, batch_size=32, lr=1e-3),
-                    "upsampler1": dict(steps=600, batch_size=32, lr=1e-3),
-                    "upsampler2": dict(steps=400, batch_size=32, lr=1e-3)}),
+                   {"clip": dict(steps=600, batch_size=64, lr=1e-3),
+                    "prior": dict(steps=500, batch_size=64, lr=1e-3),
+                    "decoder": dict(steps=1500, batch_size=32, lr=1e-3),
+                    "upsampler1": dict(steps=400, batch_size=32, lr=1e-3),
+                    "upsampler2": dict(steps=300, batch_size=32, lr=1e-3)}),
 }
 
 
