@@ -23,7 +23,15 @@ What is implemented (section numbers of the paper)
   predicts the bucket tokens after a prefix of the encoded caption, z_t and a token for the
   quantised z_i . z_t; at sampling the dot-product token is drawn from the top half of its
   predicted distribution.
-- Decoder (2.1) and upsamplers: see their sections below.
+- Decoder (2.1): GLIDE's text-conditional UNet (`guided.UNet`) with z_i projected and added to the
+  time embedding and projected into 4 extra context tokens joined to the text encoder's outputs;
+  z_i zeroed 10% and the caption dropped 50% of the time in training, for classifier-free
+  guidance; learned variance (Improved DDPM's hybrid loss); strided sampling.
+- Upsamplers (2.1, appendix C): convolution-only ADM UNets without text, given the upsampled
+  low-resolution image; conditioning augmentation by a Gaussian blur (kernel 3, sigma 0.6) for
+  the first and a BSR-style degradation for the second; trained on random crops; DDIM sampling.
+- Image variations (3.1), interpolations (3.2, slerp of z_i with DDIM-inverted x_T) and text
+  diffs (3.3, slerp from z_i toward z_d = normalize(z_t - z_t0)).
 
 Deviations from the paper, said openly
 - Embedding scale: the paper multiplies z_i by 17.2 so that, with D = 1024, each coordinate has
@@ -38,6 +46,12 @@ Deviations from the paper, said openly
   tokens plus 321 others, so the exact layout there is unknown.
 - The AR prior is also trained with the caption dropped 10% of the time (the paper says nothing of
   it), so that it can sample without a caption (`sample(n)` with no prompt).
+- Upsamplers: the blur is applied to every training input and never at sampling (the paper does
+  not say how often); the BSR degradation leaves out JPEG compression (it needs an image codec)
+  and draws one set of parameters per batch; ADM's middle-block attention is removed (the paper:
+  "neither upsampler uses attention"); they predict eps with a fixed variance (sampled with DDIM,
+  so a learned variance would be unused). The tiny preset trains the first one on half-size crops
+  (a quarter of 32 pixels leaves too little context).
 - Parameter counts: the paper's Table 3 gives "1B" for both priors, but its text gives shapes that
   count 1.2B (diffusion prior: one Transformer, width 2048, 24 blocks) and 2.0B (AR prior: text
   encoder 2048 x 24 plus latent decoder 1664 x 24). The presets follow the stated shapes.
@@ -193,15 +207,6 @@ PRESETS = {
 
 # --- helpers ---
 
-def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of (B,) time steps -> (B, dim) (Vaswani et al. 2017, as in DDPM)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]  # (B, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
-    return F.pad(emb, (0, dim % 2))
-
-
 def make_diffusion(schedule, T, **kw):
     """A `ddpm.GaussianDiffusion`; its float64 tables stay on the CPU even when the model is built on
     the meta device (parameter counting)."""
@@ -282,7 +287,7 @@ class DiffusionPrior(nn.Module):
         seq = torch.cat([
             self.token_embedding(text),  # (B, L, W)
             self.z_t_proj(z_t * self.scale)[:, None],  # (B, 1, W)
-            self.time_embed(timestep_embedding(t, self.cfg.width))[:, None],  # (B, 1, W)
+            self.time_embed(guided.timestep_embedding(t, self.cfg.width))[:, None],  # (B, 1, W)
             self.x_proj(x_t)[:, None],  # (B, 1, W)
             self.query.to(x_t.dtype).expand(B, 1, -1),  # (B, 1, W)
         ], dim=1) + self.positional_embedding[:text.shape[1] + 4]  # (B, L + 4, W)
