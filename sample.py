@@ -29,6 +29,8 @@ SAMPLE_FLAGS = {
     "label": ("label", int, "class label for class-conditional models"),
     "prompt": ("prompt", str, "caption for text-conditional models"),
     "guidance-scale": ("guidance_scale", float, "classifier-free guidance scale"),
+    "classifier": ("classifier", str, "checkpoint or run of a noisy classifier for classifier guidance"),
+    "classifier-scale": ("classifier_scale", float, "classifier guidance scale"),
     "prior-guidance-scale": ("prior_guidance_scale", float, "unCLIP: the diffusion prior's guidance scale"),
     "prior-steps": ("prior_steps", int, "unCLIP: the diffusion prior's sampling steps"),
     "upsample-steps": ("upsample_steps", int, "unCLIP: DDIM steps of each upsampler"),
@@ -206,6 +208,8 @@ def run(args):
         if value is not None:
             return run_edit(args, model, info, mode, method_name, n_images, value, ac, t0)
     kw = model_kwargs(model.sample, args, SAMPLE_FLAGS, "sampling")
+    if "classifier" in kw:  # a second checkpoint: the classifier that guides sampling
+        kw["classifier"], _ = load_model(kw["classifier"], device, ema=not args.no_ema)
     if args.eval_captions is not None:
         if "prompt" not in inspect.signature(model.sample).parameters:
             raise UsageError(f"--eval-captions needs a text-to-image model; {info['model']} "

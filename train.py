@@ -441,6 +441,7 @@ class Spec:
     about: str  # one line for --help
     # per phase (in the model's order): default steps, batch_size, lr of a CPU-sized run
     phases: dict = field(default_factory=dict)
+    presets: str = "PRESETS"  # the presets dict in the model file (one file may hold several models)
 
 
 MODELS = {
@@ -450,6 +451,15 @@ MODELS = {
                 {"main": dict(steps=1500, batch_size=64, lr=2e-3)}),
     "vae": Spec("vae", "VAE", "variational autoencoder (Kingma & Welling 2013)",
                 {"main": dict(steps=3000, batch_size=64, lr=2e-3)}),
+    "adm": Spec("guided", "ADM", "class-conditional ADM with classifier-free guidance "
+                "(Dhariwal & Nichol 2021; Ho & Salimans 2021)",
+                {"main": dict(steps=1500, batch_size=32, lr=1e-3)}),
+    "classifier": Spec("guided", "NoisyClassifier", "noisy classifier for classifier guidance "
+                       "(Dhariwal & Nichol 2021)",
+                       {"main": dict(steps=1500, batch_size=32, lr=1e-3)}, "CLASSIFIER_PRESETS"),
+    "glide": Spec("guided", "GLIDE", "text-to-image base model and upsampler (Nichol et al. 2021)",
+                  {"base": dict(steps=1500, batch_size=32, lr=1e-3),
+                   "upsample": dict(steps=500, batch_size=16, lr=1e-3)}, "GLIDE_PRESETS"),
     "unclip": Spec("unclip", "UnCLIP", "unCLIP / DALL-E 2: CLIP, prior, decoder, upsamplers "
                    "(Ramesh et al. 2022); --prior diffusion|ar",
                    {"clip": dict(steps=600, batch_size=64, lr=1e-3),
@@ -466,7 +476,7 @@ def model_class(name):
 
 
 def presets(name):
-    return importlib.import_module(MODELS[name].module).PRESETS
+    return getattr(importlib.import_module(MODELS[name].module), MODELS[name].presets)
 
 
 def phases_of(model_or_cls):
