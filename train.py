@@ -463,8 +463,8 @@ MODELS = {
     "unclip": Spec("unclip", "UnCLIP", "unCLIP / DALL-E 2: CLIP, prior, decoder, upsamplers "
                    "(Ramesh et al. 2022); --prior diffusion|ar",
                    {"clip": dict(steps=600, batch_size=64, lr=1e-3),
-                    "prior": dict(steps=500, batch_size=64, lr=1e-3),
-                    "decoder": dict(steps=1500, batch_size=32, lr=1e-3),
+                    "prior": dict(steps=400, batch_size=64, lr=1e-3),
+                    "decoder": dict(steps=1400, batch_size=32, lr=1e-3),
                     "upsampler1": dict(steps=400, batch_size=32, lr=1e-3),
                     "upsampler2": dict(steps=300, batch_size=32, lr=1e-3)}),
 }
