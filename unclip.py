@@ -52,9 +52,10 @@ Deviations from the paper, said openly
   "neither upsampler uses attention"); they predict eps with a fixed variance (sampled with DDIM,
   so a learned variance would be unused). The tiny preset trains the first one on half-size crops
   (a quarter of 32 pixels leaves too little context).
-- Parameter counts: the paper's Table 3 gives "1B" for both priors, but its text gives shapes that
-  count 1.2B (diffusion prior: one Transformer, width 2048, 24 blocks) and 2.0B (AR prior: text
-  encoder 2048 x 24 plus latent decoder 1664 x 24). The presets follow the stated shapes.
+- Parameter counts: the paper's Table 3 gives "1B" for both priors, but appendix C gives shapes
+  whose blocks alone count 1.21B (diffusion prior: one Transformer, width 2048, 24 blocks) and
+  2.0B (AR prior: text encoder 2048 x 24 plus latent decoder 1664 x 24); with CLIP's 49,408-token
+  embedding the presets count 1.33B and 2.12B. The presets follow the stated shapes.
 
 Glossary (paper -> code)
   y            caption                                      `caption`, token ids `text`
@@ -198,9 +199,9 @@ def _tiny():
 PRESETS = {
     # CPU in minutes on the shapes data (see _tiny)
     "tiny": _tiny(),
-    # the paper's stack (Table 3 and appendix C); parameter counts per part in the tests:
-    # CLIP ViT-H/16 ~0.99B, diffusion prior ~1.2B (AR prior ~2.0B), decoder ~3.5B,
-    # upsamplers ~0.7B and ~0.3B
+    # the paper's stack (Table 3 and appendix C), counted on the meta device: CLIP ViT-H/16
+    # 986,339,841; diffusion prior 1,325,014,016 (AR prior 2,119,465,472); decoder 3,565,434,374;
+    # upsamplers 729,702,083 and 282,059,139 (Table 3: 1B, 1B, 3.5B, 700M, 300M)
     "unclip": UnCLIPConfig(),
 }
 
