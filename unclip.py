@@ -51,7 +51,10 @@ Deviations from the paper, said openly
   and draws one set of parameters per batch; ADM's middle-block attention is removed (the paper:
   "neither upsampler uses attention"); they predict eps with a fixed variance (sampled with DDIM,
   so a learned variance would be unused). The tiny preset trains the first one on half-size crops
-  (a quarter of 32 pixels leaves too little context).
+  (a quarter of 32 pixels leaves too little context), and its upsamplers predict v (Salimans & Ho
+  2022) instead of eps: after a few hundred steps an eps model's small noise errors, amplified by
+  1 / sqrt(alpha_bar) at the first DDIM steps, shifted the whole image's colours (black
+  backgrounds came out red or green), while v predicts the image itself where the noise is large.
 - Parameter counts: the paper's Table 3 gives "1B" for both priors, but appendix C gives shapes
   whose blocks alone count 1.21B (diffusion prior: one Transformer, width 2048, 24 blocks) and
   2.0B (AR prior: text encoder 2048 x 24 plus latent decoder 1664 x 24); with CLIP's 49,408-token
@@ -142,6 +145,7 @@ class UpsamplerConfig:
     unet: guided.ADMConfig = field(default_factory=_upsampler_unet)  # the ADMNet (low_res_size > 0)
     degradation: str = "blur"  # conditioning augmentation: "blur" (stage 1) or "bsr" (stage 2)
     crop_fraction: float = 0.25  # training crops, as a fraction of the target side (Table 3)
+    prediction: str = "eps"  # what the UNet predicts: "eps" (ADM) or "v" (Salimans & Ho 2022)
     sample_steps: int = 27  # default DDIM steps (appendix C: 27 for 256, 15 for 1024)
 
 
@@ -188,12 +192,12 @@ def _tiny():
             image_size=32, low_res_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
             attention_resolutions=(), num_head_channels=-1, learn_sigma=False, noise_schedule="cosine",
             p_uncond=0.0),
-            degradation="blur", crop_fraction=0.5, sample_steps=10),
+            degradation="blur", crop_fraction=0.5, sample_steps=10, prediction="v"),
         upsampler2=UpsamplerConfig(unet=guided.ADMConfig(
             image_size=64, low_res_size=32, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=16,
             attention_resolutions=(), num_head_channels=-1, learn_sigma=False, noise_schedule="linear",
             p_uncond=0.0),
-            degradation="bsr", crop_fraction=0.25, sample_steps=5))
+            degradation="bsr", crop_fraction=0.25, sample_steps=5, prediction="v"))
 
 
 PRESETS = {
@@ -615,13 +619,15 @@ class Upsampler(nn.Module):
         if u.attention_resolutions or u.xf_width or u.cond_dim:
             raise ValueError("unclip: the upsamplers are convolution-only and unconditional (appendix C): "
                              "set attention_resolutions to (), xf_width and cond_dim to 0")
+        if cfg.prediction not in ("eps", "v"):
+            raise ValueError(f"unclip: unknown upsampler prediction {cfg.prediction!r}; use 'eps' or 'v'")
         if cfg.degradation not in ("blur", "bsr"):
             raise ValueError(f"unclip: unknown degradation {cfg.degradation!r}; use 'blur' or 'bsr'")
         self.cfg = cfg
         self.unet = guided.UNet(u)
         # ADM's middle block always holds an attention layer; the paper's upsamplers use none
         self.unet.middle_block[1] = nn.Identity()
-        self.diffusion = make_diffusion(u.noise_schedule, u.diffusion_steps, prediction="eps",
+        self.diffusion = make_diffusion(u.noise_schedule, u.diffusion_steps, prediction=cfg.prediction,
                                         variance="learned_range" if u.learn_sigma else "fixed_small",
                                         loss="hybrid" if u.learn_sigma else "simple")
 
