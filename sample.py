@@ -1,7 +1,8 @@
 """Sample, reconstruct or evaluate any trained model from its checkpoint alone.
 
     python sample.py CKPT_OR_RUN_DIR [-n N] [--out FILE.png] [--seed S] [--device ...] [--no-ema]
-                     [--reconstruct] [--eval [N]] [--eval-captions N] [model sampling flags]
+                     [--reconstruct] [--eval [N]] [--eval-captions N] [--variations IMAGE]
+                     [--interpolate IMAGE IMAGE] [--text-diff IMAGE FROM TO] [model sampling flags]
 
 The model is rebuilt from the config stored in the checkpoint (loaded with weights_only=True), and
 the EMA weights are used unless --no-ema. Sampling flags (--steps, --eta, --temperature, --label,
@@ -34,7 +35,12 @@ SAMPLE_FLAGS = {
     "rerank": ("rerank", str, "DALL-E: a CLIP run or checkpoint that scores the --candidates"),
     "classifier": ("classifier", str, "checkpoint or run of a noisy classifier for classifier guidance"),
     "classifier-scale": ("classifier_scale", float, "classifier guidance scale"),
+    "prior-guidance-scale": ("prior_guidance_scale", float, "unCLIP: the diffusion prior's guidance scale"),
+    "prior-steps": ("prior_steps", int, "unCLIP: the diffusion prior's sampling steps"),
+    "upsample-steps": ("upsample_steps", int, "unCLIP: DDIM steps of each upsampler"),
 }
+# image-editing modes of text-to-image models: flag -> (method, number of images it takes)
+EDIT_MODES = {"variations": ("variations", 1), "interpolate": ("interpolate", 2), "text_diff": ("text_diff", 1)}
 EVAL_FLAGS = {
     "iwae-k": ("iwae_k", int, "VAE: importance samples of the IWAE bound in --eval"),
 }
@@ -58,6 +64,12 @@ def build_parser():
     mode.add_argument("--eval-captions", type=int, default=None, metavar="N",
                       help="text-to-image models: sample N shapes test captions and report how "
                            "often the image shows each attribute, judged from the pixels")
+    mode.add_argument("--variations", metavar="IMAGE", default=None,
+                      help="unCLIP: -n variations of an image (section 3.1)")
+    mode.add_argument("--interpolate", nargs=2, metavar="IMAGE", default=None,
+                      help="unCLIP: -n images interpolating between two images (section 3.2)")
+    mode.add_argument("--text-diff", nargs=3, metavar=("IMAGE", "FROM", "TO"), default=None,
+                      help="unCLIP: -n edits of an image from caption FROM toward caption TO (section 3.3)")
     g = p.add_argument_group("model options (passed only when given)")
     for flag, (_, t, h) in {**SAMPLE_FLAGS, **EVAL_FLAGS}.items():
         g.add_argument("--" + flag, type=t, default=None, help=h)
@@ -213,6 +225,10 @@ def run(args):
     if info["missing"]:
         raise UsageError(f"{run_dir} has not finished phase {info['missing'][0]}; train it with "
                          f"python train.py {info['model']} --out {run_dir} --resume")
+    for mode, (method_name, n_images) in EDIT_MODES.items():
+        value = getattr(args, mode)
+        if value is not None:
+            return run_edit(args, model, info, mode, method_name, n_images, value, ac, t0)
     kw = model_kwargs(model.sample, args, SAMPLE_FLAGS, "sampling")
     if "rerank" in kw:
         kw["rerank"] = clip_scorer(kw["rerank"], device)
@@ -252,6 +268,40 @@ def run(args):
     train.save_grid(images, out)
     print(f"wrote {out}: {args.n} samples in {time.time() - t0:.1f}s")
     return 0
+
+
+def load_image(path, size):
+    """An image file -> (3, size, size) in [-1, 1], centre-cropped and resized."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return train.pil_to_tensor(train.center_crop_resize(im, size))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: cannot read this image ({type(e).__name__}); give a PNG or JPEG file")
+
+
+def run_edit(args, model, info, mode, method_name, n_images, value, ac, t0):
+    """--variations / --interpolate / --text-diff: the inputs first, then the -n results."""
+    flag = "--" + mode.replace("_", "-")
+    method = getattr(model, method_name, None)
+    if method is None:
+        raise UsageError(f"{flag}: {info['model']} has no {method_name}; it needs a text-to-image model "
+                         "(unclip)")
+    value = [value] if isinstance(value, str) else list(value)
+    size = info["config"].get("image_size", 32)
+    images = [load_image(v, size).to(model_device(model)) for v in value[:n_images]]
+    kw = model_kwargs(method, args, SAMPLE_FLAGS, method_name)
+    with torch.no_grad(), ac:
+        out = method(*images, *value[n_images:], args.n, **kw).float()
+    grid = torch.cat([torch.stack(images).cpu(), out.cpu()])
+    path = Path(args.out) if args.out else free_path(info["run"], f"{method_name}_s{args.seed}")
+    train.save_grid(grid, path, nrow=len(grid) if len(grid) <= 12 else None)
+    print(f"wrote {path}: the input image(s), then {args.n} results, in {time.time() - t0:.1f}s")
+    return 0
+
+
+def model_device(model):
+    return next(model.parameters()).device
 
 
 def main(argv=None):

@@ -476,6 +476,15 @@ MODELS = {
     "glide": Spec("guided", "GLIDE", "text-to-image base model and upsampler (Nichol et al. 2021)",
                   {"base": dict(steps=1000, batch_size=32, lr=1e-3),
                    "upsample": dict(steps=400, batch_size=16, lr=1e-3)}, "GLIDE_PRESETS"),
+                  {"base": dict(steps=1500, batch_size=32, lr=1e-3),
+                   "upsample": dict(steps=500, batch_size=16, lr=1e-3)}, "GLIDE_PRESETS"),
+    "unclip": Spec("unclip", "UnCLIP", "unCLIP / DALL-E 2: CLIP, prior, decoder, upsamplers "
+                   "(Ramesh et al. 2022); --prior diffusion|ar",
+                   {"clip": dict(steps=600, batch_size=64, lr=1e-3),
+                    "prior": dict(steps=400, batch_size=64, lr=1e-3),
+                    "decoder": dict(steps=1400, batch_size=32, lr=1e-3),
+                    "upsampler1": dict(steps=400, batch_size=32, lr=1e-3),
+                    "upsampler2": dict(steps=300, batch_size=32, lr=1e-3)}),
 }
 
 

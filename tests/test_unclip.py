@@ -1,0 +1,330 @@
+"""unclip.py: the priors (causality, PCA, quantisation, candidate choice), slerp, guidance
+identities, the decoder and upsamplers, the paper presets' counts, and the CLI end to end."""
+import dataclasses
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+import guided
+import sample
+import train
+import unclip
+
+D, V = 16, 258
+DP = unclip.DiffusionPriorConfig(width=32, layers=2, heads=2, text_ctx=12, timesteps=100, sample_steps=4,
+                                 embed_std=1.0)
+AR = unclip.ARPriorConfig(text_width=16, text_layers=1, text_heads=2, text_ctx=12, width=32, layers=2, heads=2,
+                          components=6, buckets=64)
+
+
+def tiny_config(**kw):
+    """The tiny preset, smaller still: a few seconds per phase on a CPU."""
+    c = unclip.PRESETS["tiny"]
+    small = replace(c,
+                    clip=replace(c.clip, vision_width=32, vision_layers=1, vision_heads=2, embed_dim=D,
+                                 text_width=32, text_layers=1, text_heads=2),
+                    diffusion_prior=replace(c.diffusion_prior, width=32, layers=1, heads=2, sample_steps=2),
+                    ar_prior=replace(c.ar_prior, text_width=16, text_layers=1, width=32, layers=1, heads=2,
+                                     components=4, buckets=32),
+                    decoder=replace(c.decoder, unet=replace(c.decoder.unet, model_channels=16, norm_groups=8,
+                                                            cond_dim=D, xf_width=16), sample_steps=2),
+                    upsampler1=replace(c.upsampler1, unet=replace(c.upsampler1.unet, model_channels=8,
+                                                                  norm_groups=8), sample_steps=1),
+                    upsampler2=replace(c.upsampler2, unet=replace(c.upsampler2.unet, model_channels=8,
+                                                                  norm_groups=8), sample_steps=1))
+    return replace(small, **kw)
+
+
+def text_ids(n, L=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, L), generator=g)
+
+
+# --- the diffusion prior ---
+
+def test_diffusion_prior_is_causal():
+    """Outputs at the text, z_t and t positions do not depend on the later z_i^(t) (a causal mask);
+    the prediction at the final query does."""
+    torch.manual_seed(0)
+    prior = unclip.DiffusionPrior(DP, D, V).eval()
+    seen = []
+    prior.transformer.register_forward_hook(lambda m, i, o: seen.append(o))
+    text, z_t, t = text_ids(2), torch.randn(2, D), torch.tensor([5, 50])
+    out_a = prior(torch.randn(2, D), t, text, z_t)
+    out_b = prior(torch.randn(2, D), t, text, z_t)
+    L = text.shape[1]
+    torch.testing.assert_close(seen[0][:, :L + 2], seen[1][:, :L + 2])
+    assert not torch.allclose(seen[0][:, L + 2:], seen[1][:, L + 2:])
+    assert not torch.allclose(out_a, out_b)
+
+
+def test_diffusion_prior_keeps_the_candidate_nearest_the_caption(monkeypatch):
+    torch.manual_seed(0)
+    prior = unclip.DiffusionPrior(DP, D, V).eval()
+    z_t = torch.nn.functional.normalize(torch.randn(3, D), dim=-1)
+    # candidate 0 is -z_t for captions 0, 2 and z_t for caption 1; candidate 1 the opposite
+    signs = torch.tensor([[-1.0, 1.0, -1.0], [1.0, -1.0, 1.0]])
+    fake = (signs[..., None] * z_t[None]).reshape(6, D) * prior.scale
+
+    def fake_sample(model, shape, **kw):
+        assert shape == (6, D)
+        return fake
+
+    monkeypatch.setattr(prior.diffusion, "sample", fake_sample)
+    z = prior.sample(text_ids(3), z_t, text_ids(1))
+    torch.testing.assert_close(z, z_t)
+
+
+def test_diffusion_prior_loss_falls_and_guidance_one_is_conditional():
+    torch.manual_seed(0)
+    prior = unclip.DiffusionPrior(replace(DP, cond_drop=0.0), D, V)
+    z_i = torch.nn.functional.normalize(torch.randn(8, D), dim=-1)
+    z_t, text, null = z_i.roll(1, -1), text_ids(8), text_ids(1)
+    opt = torch.optim.Adam(prior.parameters(), 3e-3)
+    first = None
+    for _ in range(60):
+        loss = prior.loss(text, z_t, z_i, null)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+    prior.eval()
+    torch.manual_seed(1)
+    a = prior.sample(text[:2], z_t[:2], null, guidance_scale=1.0)
+    torch.manual_seed(1)
+    b = prior.sample(text[:2], z_t[:2], null, guidance_scale=1.0 + 1e-12)  # the batched CFG path
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert torch.allclose(a.norm(dim=-1), torch.ones(2))
+
+
+def test_cfg_combine_identities():
+    c, u = torch.randn(4, 5), torch.randn(4, 5)
+    torch.testing.assert_close(unclip.cfg_combine(c, u, 1.0), c)
+    torch.testing.assert_close(unclip.cfg_combine(c, u, 0.0), u)
+    torch.testing.assert_close(unclip.cfg_combine(c, u, 3.0), u + 3 * (c - u))
+
+
+# --- the AR prior ---
+
+def test_pca_orders_components_and_round_trips():
+    torch.manual_seed(0)
+    prior = unclip.ARPrior(replace(AR, components=D), D, V)
+    scales = torch.linspace(3, 0.1, D)
+    basis, _ = torch.linalg.qr(torch.randn(D, D))
+    z = (torch.randn(2000, D) * scales) @ basis.T + 0.5  # known variances along a rotated basis
+    prior.fit(z, z)
+    lam = prior.eigenvalues
+    assert (lam[:-1] >= lam[1:]).all()
+    torch.testing.assert_close(lam.sqrt(), scales, rtol=0.1, atol=0.02)
+    C = prior.components
+    torch.testing.assert_close(C @ C.T, torch.eye(D), atol=1e-5, rtol=0)
+    # the first component is the direction of largest variance, up to sign
+    assert abs(float(C[0] @ basis[:, 0])) > 0.99
+    torch.testing.assert_close(prior.unproject(prior.project(z)), z, atol=1e-4, rtol=0)
+    # with K < D the round trip is exact for points in the span of the first K components
+    small = unclip.ARPrior(AR, D, V)
+    small.fit(z, z)
+    y = torch.randn(10, AR.components)
+    torch.testing.assert_close(small.project(small.unproject(y)), y, atol=1e-4, rtol=0)
+
+
+def test_quantization_round_trip():
+    prior = unclip.ARPrior(AR, D, V)
+    lo, hi = torch.tensor(-2.0), torch.tensor(3.0)
+    y = torch.rand(1000) * 5 - 2
+    q = prior.quantize(y, lo, hi)
+    assert q.min() >= 0 and q.max() < AR.buckets
+    width = 5 / AR.buckets
+    assert (prior.dequantize(q, lo, hi) - y).abs().max() <= width / 2 + 1e-6
+    k = torch.arange(AR.buckets)
+    assert torch.equal(prior.quantize(prior.dequantize(k, lo, hi), lo, hi), k)
+    assert prior.quantize(torch.tensor([-10.0, 10.0]), lo, hi).tolist() == [0, AR.buckets - 1]
+
+
+def test_ar_prior_is_causal_and_decodes_unit_vectors():
+    torch.manual_seed(0)
+    prior = unclip.ARPrior(AR, D, V).eval()
+    z = torch.nn.functional.normalize(torch.randn(64, D), dim=-1)
+    prior.fit(z, z.roll(1, 0))
+    text, z_t = text_ids(2), z[:2]
+    dot, codes = prior.encode(z[:2], z_t)
+    k = 3
+    a = prior.logits(text, z_t, dot, codes[:, :-1])
+    changed = codes[:, :-1].clone()
+    changed[:, k:] = (changed[:, k:] + 7) % AR.buckets
+    b = prior.logits(text, z_t, dot, changed)
+    assert a.shape == (2, AR.components + 1, AR.buckets)
+    torch.testing.assert_close(a[:, :k + 1], b[:, :k + 1])  # rows that predict codes 1..k
+    assert not torch.allclose(a[:, k + 1:], b[:, k + 1:])
+    zs = prior.sample(text, z_t)
+    assert zs.shape == (2, D) and torch.allclose(zs.norm(dim=-1), torch.ones(2))
+
+
+def test_dot_token_comes_from_the_top_half():
+    p = torch.full((1, 8), 1 / 8)
+    kept = unclip.top_half(p)
+    assert kept[0, :4].sum() == 0 and torch.allclose(kept.sum(-1), torch.ones(1))
+    # a peaked distribution keeps the bucket holding its median
+    p = torch.tensor([[0.1, 0.7, 0.1, 0.1]])
+    assert unclip.top_half(p)[0, 1] > 0 and unclip.top_half(p)[0, 0] == 0
+
+
+# --- slerp, decoder, upsamplers ---
+
+def test_slerp_endpoints_and_norm():
+    torch.manual_seed(0)
+    a, b = torch.nn.functional.normalize(torch.randn(2, 3, 8), dim=-1)
+    torch.testing.assert_close(unclip.slerp(a, b, 0.0), a)
+    torch.testing.assert_close(unclip.slerp(a, b, 1.0), b)
+    mid = unclip.slerp(a, b, 0.5)
+    torch.testing.assert_close(mid.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close((mid * a).sum(-1), (mid * b).sum(-1))  # equal angles to both ends
+    torch.testing.assert_close(unclip.slerp(a, a, 0.3), a)  # parallel ends
+
+
+def test_decoder_guidance_identities():
+    torch.manual_seed(0)
+    cfg = tiny_config().decoder
+    dec = unclip.Decoder(cfg, D).eval()
+    for p in dec.parameters():  # a non-trivial output (the UNet's last layer starts at zero)
+        p.data.add_(0.05 * torch.randn_like(p))
+    z = torch.nn.functional.normalize(torch.randn(2, D), dim=-1)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    caps = ["a large red circle at the top", "a small blue square at the left"]
+    model, kw = dec.guided_model(z, caps, 1.0)
+    assert model is dec
+    cond = dec(x, t, **kw)
+    tokens, mask = dec.tokenize(["", ""], "cpu")
+    uncond = dec(x, t, torch.zeros_like(z), tokens, mask)
+    g, kw = dec.guided_model(z, caps, 3.0)
+    out = g(x, t, **kw)
+    torch.testing.assert_close(out[:, :3], uncond[:, :3] + 3 * (cond[:, :3] - uncond[:, :3]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dec.guided_model(z, caps, 0.0)[0](x, t, **kw)[:, :3], uncond[:, :3],
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cond, uncond)
+
+
+def test_upsamplers_are_convolutional_and_degrade():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    up = unclip.Upsampler(cfg.upsampler2)
+    names = [type(m).__name__ for m in up.modules()]
+    assert "AttentionBlock" not in names
+    out = up.loss(torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert torch.isfinite(out["loss"])
+    # any input size: trained on crops, applied to the whole image
+    y = up(torch.randn(1, 3, 64, 64), torch.tensor([3]), torch.randn(1, 3, 32, 32))
+    assert y.shape == (1, 3, 64, 64)
+    k = unclip.gaussian_kernel(0.6, 3)
+    assert abs(float(k.sum()) - 1) < 1e-6 and k[1] > k[0]
+    flat = torch.full((1, 3, 8, 8), 0.3)
+    torch.testing.assert_close(unclip.blur(flat, 0.6, 3), flat)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    d = unclip.bsr_degrade(x, torch.Generator().manual_seed(0))
+    assert d.shape == x.shape and not torch.allclose(d, x) and d.abs().max() <= 1
+
+
+def test_unclip_phases_losses_and_sampling():
+    torch.manual_seed(0)
+    for prior in ("diffusion", "ar"):
+        model = unclip.UnCLIP(tiny_config(prior=prior))
+        ds = train.ShapesDataset(8, 64)
+        b = torch.utils.data.default_collate([ds[i] for i in range(4)])
+        b["caption"] = list(b["caption"])
+        model.prepare("prior", [b])
+        for phase in model.phases:
+            out = model.loss(b, phase)
+            assert torch.isfinite(out["loss"]), (prior, phase)
+            out["loss"].backward()
+            params = list(model.phase_module(phase).parameters())
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), (prior, phase)
+        model.eval()
+        torch.manual_seed(3)
+        x = model.sample(2, prompt=b["caption"][:2])
+        torch.manual_seed(3)
+        y = model.sample(2, prompt=b["caption"][:2])
+        assert x.shape == (2, 3, 64, 64) and torch.equal(x, y)
+        assert model.variations(b["image"][0], 2).shape == (2, 3, 64, 64)
+        assert model.interpolate(b["image"][0], b["image"][1], 3).shape == (3, 3, 64, 64)
+        assert model.text_diff(b["image"][0], "a red circle", "a blue circle", 2).shape == (2, 3, 64, 64)
+        ev = model.evaluate(b)
+        assert set(ev) >= {"clip_retrieval_top1", "prior_cosine"}
+
+
+def test_bad_configs_are_reported():
+    with pytest.raises(ValueError, match="prior"):
+        unclip.UnCLIP(tiny_config(prior="gan"))
+    with pytest.raises(ValueError, match="chain"):
+        unclip.UnCLIP(tiny_config(image_size=128))
+
+
+# --- the paper's presets ---
+
+PAPER = {"decoder": 3.5e9, "upsampler1": 700e6, "upsampler2": 300e6}
+
+
+def test_paper_presets_counts_on_meta():
+    """Decoder 3.5B, upsamplers 700M and 300M within 10% (Table 3); CLIP ViT-H/16 ~1B. The priors
+    follow appendix C's shapes (see the module docstring): one 24-block 2048-wide Transformer is
+    24 * 12 * 2048^2 weights in its blocks; the AR prior adds a 1664 x 24 latent decoder."""
+    counts = {}
+    for prior in ("diffusion", "ar"):
+        with torch.device("meta"):
+            model = unclip.UnCLIP(replace(unclip.PRESETS["unclip"], prior=prior))
+        for phase in model.phases:
+            counts[prior, phase] = sum(p.numel() for p in model.phase_module(phase).parameters())
+        blocks = sum(p.numel() for p in model.prior.transformer.parameters())
+        W = 1664 if prior == "ar" else 2048
+        assert abs(blocks - 24 * 12 * W ** 2) / blocks < 0.01
+    for phase, n in PAPER.items():
+        assert abs(counts["diffusion", phase] - n) / n < 0.10, (phase, counts["diffusion", phase])
+    assert 0.9e9 < counts["diffusion", "clip"] < 1.1e9
+    assert 1.2e9 < counts["diffusion", "prior"] < 1.4e9
+    assert 2.0e9 < counts["ar", "prior"] < 2.2e9
+
+
+# --- train.py and sample.py ---
+
+def test_cli_trains_every_part_and_samples(tmp_path, capsys):
+    run = tmp_path / "u"
+    flags = ["--steps", "2", "--batch-size", "4", "--data", "shapes:16", "--log-every", "1",
+             "--sample-n", "2",
+             "--clip.vision-width", "32", "--clip.vision-layers", "1", "--clip.embed-dim", str(D),
+             "--clip.text-width", "32", "--clip.text-layers", "1", "--clip.text-heads", "2",
+             "--clip.vision-heads", "2", "--diffusion-prior.width", "32", "--diffusion-prior.layers", "1",
+             "--diffusion-prior.heads", "2", "--diffusion-prior.sample-steps", "2",
+             "--decoder.unet.model-channels", "16", "--decoder.unet.norm-groups", "8",
+             "--decoder.unet.cond-dim", str(D), "--decoder.unet.xf-width", "16", "--decoder.sample-steps", "2",
+             "--upsampler1.unet.model-channels", "8", "--upsampler1.unet.norm-groups", "8",
+             "--upsampler1.sample-steps", "1", "--upsampler2.unet.model-channels", "8",
+             "--upsampler2.unet.norm-groups", "8", "--upsampler2.sample-steps", "1", "--out", str(run)]
+    assert train.main(["unclip", "--part", "clip", *flags]) == 0
+    assert sample.main([str(run), "--prompt", "a red circle"]) == 2  # not finished yet
+    assert "has not finished phase prior" in capsys.readouterr().err
+    assert train.main(["unclip", "--out", str(run), "--resume", "--steps", "2"]) == 0
+    for phase in unclip.UnCLIP.phases:
+        assert (run / f"ckpt_{phase}.pt").exists()
+    assert (run / "samples.png").exists()
+    out = tmp_path / "s.png"
+    assert sample.main([str(run), "-n", "2", "--prompt", "a large red circle at the top left",
+                        "--steps", "2", "--out", str(out)]) == 0 and out.exists()
+    img = tmp_path / "in.png"
+    train.save_grid(train.ShapesDataset(1, 64)[0]["image"][None], img, pad=0)
+    for mode in (["--variations", str(img)], ["--interpolate", str(img), str(img)],
+                 ["--text-diff", str(img), "a red circle", "a blue circle"]):
+        assert sample.main([str(run), "-n", "2", *mode]) == 0, mode
+    assert sample.main([str(run), "--eval-captions", "2", "--steps", "2"]) == 0
+    assert "position" in capsys.readouterr().out
+    assert sample.main([str(run), "--variations", str(tmp_path / "missing.png")]) == 2
+    assert "missing.png" in capsys.readouterr().err
+    # --prior ar is a config field
+    assert train.main(["unclip", "--part", "clip", "--prior", "ar", *flags[:-2], "--out", str(tmp_path / "ar")]) == 0
+    assert json_config(tmp_path / "ar")["prior"] == "ar"
+
+
+def json_config(run):
+    import json
+    return json.loads((run / "run.json").read_text())["config"]
