@@ -49,7 +49,7 @@ Glossary (paper symbol -> code name; names used by other code in brackets):
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -80,8 +80,9 @@ class DDPMConfig:
 
 
 PRESETS = {
-    # CPU in minutes: two resolutions, attention at 8x8 (see README for the measured run)
-    "tiny": DDPMConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, T=1000),
+    # CPU in minutes (see README for the measured run): three resolutions, attention at 8x8,
+    # T = 1000 as the paper so every sampler of the paper can be tried on it
+    "tiny": DDPMConfig(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0),
     # one GPU, hours: Ho's architecture at half width
     "small": DDPMConfig(ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1),
     # Ho et al. CIFAR-10 (appendix B; released run_cifar.py): 35,746,307 parameters ("35.7M")
@@ -194,10 +195,11 @@ class GaussianDiffusion:
         if self.betas.dim() != 1 or not ((self.betas > 0) & (self.betas < 1)).all():
             raise ValueError("betas must be a 1-d tensor with values in (0, 1)")
         self.num_timesteps = T = len(self.betas)
-        self.timestep_map = torch.arange(T) if timestep_map is None else torch.as_tensor(timestep_map, dtype=torch.long)
+        self.timestep_map = (torch.arange(T, device=self.betas.device) if timestep_map is None
+                             else torch.as_tensor(timestep_map, dtype=torch.long, device=self.betas.device))
         self.alphas = 1.0 - self.betas
         self.alpha_bar = torch.cumprod(self.alphas, 0)                        # alpha_bar_t = prod_s alpha_s
-        self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+        self.alpha_bar_prev = torch.cat([self.alpha_bar.new_ones(1), self.alpha_bar[:-1]])
         self.sqrt_alpha_bar = self.alpha_bar.sqrt()
         self.sqrt_one_minus_alpha_bar = (1.0 - self.alpha_bar).sqrt()
         # Ho eq. 7: beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t
@@ -209,6 +211,16 @@ class GaussianDiffusion:
         # Ho eq. 7: mu_tilde_t = coef1 x_0 + coef2 x_t
         self.posterior_mean_coef1 = self.betas * self.alpha_bar_prev.sqrt() / (1.0 - self.alpha_bar)
         self.posterior_mean_coef2 = (1.0 - self.alpha_bar_prev) * self.alphas.sqrt() / (1.0 - self.alpha_bar)
+
+    def to(self, device):
+        """Move every table to `device` (in place; a no-op when already there), so that gathering
+        from them inside the training loop never copies from the host."""
+        device = torch.device(device)
+        if self.betas.device != device:
+            for k, v in vars(self).items():
+                if torch.is_tensor(v):
+                    setattr(self, k, v.to(device))
+        return self
 
     # --- respacing ---
 
@@ -224,7 +236,7 @@ class GaussianDiffusion:
             return self
         kept = space_timesteps(self.num_timesteps, steps)
         ab = self.alpha_bar[kept]
-        betas = 1.0 - ab / torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        betas = 1.0 - ab / torch.cat([ab.new_ones(1), ab[:-1]])
         return GaussianDiffusion(betas, self.prediction, self.variance, self.loss_type,
                                  timestep_map=self.timestep_map[kept])
 
@@ -336,7 +348,8 @@ class GaussianDiffusion:
         """Shift the ancestral mean by Sigma grad_x log p(y | x_t) (Dhariwal & Nichol 2021, alg. 1).
 
         A hook for classifier guidance (guided.py); cond_fn(x_t, t_orig, **model_kwargs) returns
-        the (scaled) gradient, shape of x_t.
+        the (scaled) gradient, shape of x_t. The samplers run under no_grad, so cond_fn must
+        enable gradients itself (torch.enable_grad()).
         """
         grad = cond_fn(x_t, self.timestep_map.to(x_t.device)[t], **(model_kwargs or {}))
         return p["mean"] + p["variance"] * grad.to(p["mean"].dtype)
@@ -501,8 +514,9 @@ def timestep_embedding(t, dim):
 
 
 def norm(channels):
-    """GroupNorm with 32 groups (Ho et al. replace weight norm by group norm, appendix B)."""
-    return nn.GroupNorm(min(32, channels), channels)
+    """GroupNorm with 32 groups (Ho et al. replace weight norm by group norm, appendix B); fewer
+    when a small config has channel counts that 32 does not divide."""
+    return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
 def zero_init(module):
@@ -544,7 +558,8 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels, num_heads):
         super().__init__()
-        assert channels % num_heads == 0, f"{channels} channels do not split into {num_heads} heads"
+        if channels % num_heads:
+            raise ValueError(f"{channels} channels do not split into {num_heads} attention heads; change num_heads")
         self.num_heads = num_heads
         self.norm = norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
@@ -646,3 +661,106 @@ class UNet(nn.Module):
         for layers in self.up:
             h = self._run(layers, torch.cat([h, hs.pop()], 1), emb)     # (B, C + C_skip, H, W)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# --- the trainable model ---
+
+
+class DDPM(nn.Module):
+    """A U-Net eps/x_0/v model with its Gaussian diffusion: what train.py trains and sample.py samples.
+
+    loss(batch): L_simple, L_hybrid or L_vlb (config.loss) at uniformly drawn t, except that L_vlb
+    draws t by importance sampling (Improved DDPM eq. 18): p_t ∝ sqrt(E[L_t^2]) over the last 10
+    values of each L_t, uniform until every t has 10, mixed with 0.1% uniform as in the released
+    code, and each term weighted by 1 / (T p_t) so the estimate stays unbiased.
+    The history lives in buffers (saved with the checkpoint) and is updated without host syncs.
+    """
+
+    history_len = 10  # losses remembered per t for the importance sampler
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        if config.image_size % 2 ** (len(config.ch_mult) - 1):
+            raise ValueError(f"image_size {config.image_size} is not divisible by 2^{len(config.ch_mult) - 1} "
+                             f"(one halving per extra entry of ch_mult)")
+        self.net = UNet(config)
+        self.diffusion = GaussianDiffusion(make_beta_schedule(config.schedule, config.T),
+                                           config.prediction, config.variance, config.loss)
+        if config.loss == "vlb":
+            # row T is a scratch row that absorbs writes beyond the last 10 of one batch
+            self.register_buffer("loss_history", torch.zeros(config.T + 1, self.history_len, dtype=torch.float64))
+            self.register_buffer("loss_count", torch.zeros(config.T, dtype=torch.long))
+
+    def forward(self, x_t, t):
+        return self.net(x_t, t)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device) / .cuda() move the parameters; the float64 schedule tables follow them
+        out = super()._apply(fn, *args, **kwargs)
+        p = next(self.parameters(), None)
+        if p is not None:
+            self.diffusion.to(p.device)
+        return out
+
+    # --- importance sampling of t (Improved DDPM eq. 18) ---
+
+    def _importance_probs(self):
+        T = self.config.T
+        w = self.loss_history[:T].pow(2).mean(1).sqrt()                       # sqrt(E[L_t^2]), (T,)
+        p = w / w.sum().clamp(min=1e-300) * (1 - 1e-3) + 1e-3 / T
+        warm = (self.loss_count >= self.history_len).all()
+        return torch.where(warm, p, torch.full_like(p, 1.0 / T))
+
+    def _update_history(self, t, losses):
+        """Append each example's L_t to the ring buffer of its t; batch order decides ties."""
+        T, L = self.config.T, self.history_len
+        t_sorted, order = torch.sort(t, stable=True)
+        first = torch.searchsorted(t_sorted, t_sorted)                      # start of each t's group
+        rank = torch.arange(len(t), device=t.device) - first
+        n_t = torch.bincount(t, minlength=T)
+        keep = rank >= n_t[t_sorted] - L                                    # only the last L of a group
+        pos = (self.loss_count[t_sorted] + rank) % L
+        row = torch.where(keep, t_sorted, torch.full_like(t_sorted, T))
+        self.loss_history.index_put_((row, pos), losses.detach()[order].to(self.loss_history.dtype))
+        self.loss_count += n_t
+
+    # --- training, sampling, evaluation ---
+
+    def loss(self, batch):
+        x_0 = batch["image"]
+        B, T = x_0.shape[0], self.config.T
+        if self.config.loss == "vlb":
+            p = self._importance_probs()
+            t = torch.multinomial(p, B, replacement=True)
+            weight = (1.0 / (T * p[t])).float()
+        else:
+            t = torch.randint(0, T, (B,), device=x_0.device)
+            weight = None
+        terms = self.diffusion.training_losses(self.net, x_0, t)
+        if weight is not None:
+            if self.training and torch.is_grad_enabled():
+                self._update_history(t, terms["loss"])
+            terms["loss"] = terms["loss"] * weight
+        return {k: v.mean() for k, v in terms.items()}
+
+    @torch.no_grad()
+    def sample(self, n, steps=None, eta=None, clip_denoised=True, progress=None):
+        """n images (n, C, H, W) in [-1, 1]: ancestral (Ho algorithm 2) over all T steps, or over
+        `steps` respaced steps, or DDIM with `eta` (see GaussianDiffusion.sample_steps).
+        progress: a step counter on stderr; by default only when stderr is a terminal."""
+        if progress is None:
+            progress = sys.stderr.isatty()
+        cfg = self.config
+        shape = (n, cfg.in_channels, cfg.image_size, cfg.image_size)
+        x = self.diffusion.sample(self.net, shape, steps=steps, eta=eta, progress=progress,
+                                  clip_denoised=clip_denoised, device=_model_device(self))
+        return x.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def evaluate(self, batch):
+        """The exact VLB of the test images in bits/dim (Ho eq. 5, all T terms, the discretized
+        decoder L_0 and the prior term L_T); T network evaluations per batch. Also its parts."""
+        out = self.diffusion.calc_bpd(self.net, batch["image"].float())
+        return {"bpd": out["bpd"].mean(), "prior_bpd": out["prior_bpd"].mean(),
+                "decoder_bpd": out["vb"][:, 0].mean(), "diffusion_bpd": out["vb"][:, 1:].sum(1).mean()}

@@ -237,3 +237,129 @@ def test_hybrid_loss_stops_gradient_of_mean_in_vlb_term():
     d = GaussianDiffusion(make_beta_schedule("linear", 40), variance="learned_range", loss="vlb")
     d.training_losses(model, x_0, t)["loss"].sum().backward()
     assert a.grad.abs().item() > 0
+
+
+# --- U-Net and the trainable DDPM ---
+
+import dataclasses
+
+import sample
+import train
+from ddpm import DDPM, PRESETS, UNet
+
+MICRO = dataclasses.replace(PRESETS["tiny"], image_size=8, ch=8, ch_mult=(1, 2), attn_resolutions=(4,), T=40)
+
+
+def count(cfg):
+    with torch.device("meta"):
+        return sum(p.numel() for p in UNet(cfg).parameters())
+
+
+def test_paper_presets_have_the_papers_parameter_counts():
+    assert count(PRESETS["ddpm-cifar10"]) == 35_746_307    # Ho et al.: 35.7M
+    assert count(PRESETS["iddpm-cifar10"]) == 52_546_438   # Improved DDPM CIFAR-10
+
+
+@pytest.mark.parametrize("variance,heads,ssn", [("fixed_large", 1, False), ("learned_range", 2, True)])
+def test_unet_shapes(variance, heads, ssn):
+    cfg = dataclasses.replace(MICRO, variance=variance, num_heads=heads, scale_shift_norm=ssn)
+    net = UNet(cfg)
+    x = torch.randn(3, 3, 8, 8)
+    out = net(x, torch.tensor([0, 5, 39]))
+    assert out.shape == (3, 6 if variance == "learned_range" else 3, 8, 8)
+    # the output convolution starts at zero (Ho's init), so the first prediction is 0
+    assert out.abs().max().item() == 0
+
+
+@pytest.mark.parametrize("loss,variance,prediction", [("simple", "fixed_large", "eps"),
+                                                       ("hybrid", "learned_range", "v"),
+                                                       ("vlb", "learned_range", "x_0")])
+def test_loss_finite_with_gradient(loss, variance, prediction):
+    torch.manual_seed(0)
+    m = DDPM(dataclasses.replace(MICRO, loss=loss, variance=variance, prediction=prediction))
+    out = m.loss({"image": torch.rand(4, 3, 8, 8) * 2 - 1})
+    assert torch.isfinite(out["loss"]) and out["loss"].dim() == 0
+    out["loss"].backward()
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_loss_falls_when_overfitting_one_batch():
+    torch.manual_seed(0)
+    m = DDPM(MICRO)
+    batch = {"image": torch.rand(8, 3, 8, 8).round() * 2 - 1}
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    # a fixed set of (t, eps) so the curve measures fitting, not noise
+    t, noise = torch.randint(0, 40, (8,)), torch.randn(8, 3, 8, 8)
+    first = None
+    for _ in range(20):
+        loss = m.diffusion.training_losses(m.net, batch["image"], t, noise)["loss"].mean()
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
+
+
+def test_importance_sampler_history_and_probabilities():
+    m = DDPM(dataclasses.replace(MICRO, T=3, schedule="cosine", loss="vlb", variance="learned_range"))
+    assert torch.allclose(m._importance_probs(), torch.full((3,), 1 / 3, dtype=torch.float64))
+    # 12 losses for t = 0 in one batch: only the last 10 are kept
+    m._update_history(torch.zeros(12, dtype=torch.long), torch.arange(12.0))
+    assert sorted(m.loss_history[0].tolist()) == list(range(2, 12)) and m.loss_count[0].item() == 12
+    for t, v in ((1, 2.0), (2, 4.0)):
+        m._update_history(torch.full((10,), t), torch.full((10,), v))
+    m._update_history(torch.tensor([0] * 10), torch.full((10,), 1.0))   # ring buffer overwrites all
+    p = m._importance_probs()  # sqrt(E[L^2]) = 1, 2, 4, mixed with 0.1% uniform
+    want = torch.tensor([1, 2, 4], dtype=torch.float64) / 7 * 0.999 + 0.001 / 3
+    assert torch.allclose(p, want)
+    # the weights 1 / (T p_t) keep the estimate unbiased: E_p[L_t / (T p_t)] = mean_t L_t
+    L = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    assert torch.isclose((p * L / (3 * p)).sum(), L.mean())
+
+
+def test_sample_shape_reproducible_and_original_indices():
+    m = DDPM(MICRO).eval()
+    torch.manual_seed(0)
+    a = m.sample(2, steps=5)
+    torch.manual_seed(0)
+    b = m.sample(2, steps=5)
+    assert a.shape == (2, 3, 8, 8) and torch.equal(a, b) and a.abs().max() <= 1
+    c = m.sample(2, steps=4, eta=0.0)
+    assert c.shape == (2, 3, 8, 8)
+
+
+def test_evaluate_gives_finite_bits_per_dim():
+    m = DDPM(dataclasses.replace(MICRO, variance="learned_range")).eval()
+    x = torch.randint(0, 256, (2, 3, 8, 8)).float() / 127.5 - 1
+    out = m.evaluate({"image": x})
+    assert torch.isfinite(out["bpd"])
+    assert torch.isclose(out["bpd"], out["prior_bpd"] + out["decoder_bpd"] + out["diffusion_bpd"])
+    # an untrained model pays more than the 8 bits/dim of a uniform code
+    assert out["bpd"].item() > 8
+
+
+def test_bf16_autocast_keeps_diffusion_maths_fp32():
+    m = DDPM(dataclasses.replace(MICRO, loss="hybrid", variance="learned_range"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.loss({"image": torch.rand(2, 3, 8, 8) * 2 - 1})
+        x = m.sample(1, steps=3)
+    assert all(v.dtype == torch.float32 for v in out.values()) and x.dtype == torch.float32
+    assert m.diffusion.alpha_bar.dtype == torch.float64
+
+
+def test_cli_train_sample_eval(tmp_path, capsys):
+    run = tmp_path / "r"
+    argv = ["ddpm", "--image-size", "8", "--ch", "8", "--ch-mult", "1,2", "--attn-resolutions", "4",
+            "--T", "30", "--steps", "2", "--batch-size", "4", "--data", "shapes:16", "--log-every", "1",
+            "--sample-n", "2", "--out", str(run)]
+    assert train.main(argv) == 0 and (run / "samples.png").exists()
+    model, info = sample.load_model(run)
+    assert isinstance(model, DDPM) and model.config.T == 30 and model.config.ch_mult == (1, 2)
+    assert sample.main([str(run), "-n", "2", "--steps", "5", "--eta", "0", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").exists()
+    assert sample.main([str(run), "--eval", "2"]) == 0
+    assert "bpd" in capsys.readouterr().out
+    assert sample.main([str(run), "-n", "2", "--steps", "31"]) == 2
+    assert "steps must be" in capsys.readouterr().err
