@@ -1,0 +1,297 @@
+"""Speed and memory of the project's models, beside diffusers' UNet2DModel, on the current device.
+
+    python bench/bench.py                   # the default set for the device (CUDA if visible)
+    python bench/bench.py --device cpu      # the CPU set: small batches, few steps
+    python bench/bench.py --only ddpm-cifar10 --precisions bf16 --modes eager,compile
+
+Prints one table row per case: training throughput (images/s, optimizer step included) and peak
+memory at a batch size, in fp32 and bf16, eager and under torch.compile; then the latency of
+25-step DDIM sampling (eta = 0). diffusers' UNet2DModel is built at the ddpm-cifar10
+configuration (the same 35,746,307 parameters) and timed in the same process with the same loss,
+optimizer and step count, when diffusers is installed (it is an optional dependency of this script
+only). On CUDA it also measures the bf16 matmul throughput of the GPU and the model FLOP
+utilisation (MFU) of the adm-imagenet64 training step, with FLOPs counted by
+torch.utils.flop_counter.
+
+Each case runs in its own subprocess, so peak memory and compile caches do not leak between cases.
+Nothing in the project imports this folder.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+DIFFUSERS_DDPM_CIFAR10 = dict(  # google/ddpm-cifar10-32, Ho et al.'s CIFAR-10 model in diffusers
+    sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+    block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, dropout=0.1,
+    attention_head_dim=None)
+
+# preset -> (train.py model name, batch on CUDA, batch on CPU)
+CASES = {
+    "ddpm-cifar10": ("ddpm", 128, 8),
+    "iddpm-cifar10": ("ddpm", 128, 8),
+    "adm-imagenet64": ("adm", 32, 2),
+}
+
+
+def have_diffusers():
+    try:
+        import diffusers  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+# --- building the two implementations ---
+
+class DiffusersEps(torch.nn.Module):
+    """diffusers' UNet2DModel behind the same eps-prediction loss as ddpm.DDPM's L_simple."""
+
+    def __init__(self):
+        super().__init__()
+        from diffusers import UNet2DModel
+        import ddpm
+        self.net = UNet2DModel(**DIFFUSERS_DDPM_CIFAR10)
+        self.register_buffer("alpha_bar", ddpm.GaussianDiffusion(
+            ddpm.make_beta_schedule("linear", 1000)).alpha_bar.float(), persistent=False)
+        self.image_size = 32
+
+    def loss(self, batch):
+        x_0 = batch["image"]
+        t = torch.randint(0, 1000, (x_0.shape[0],), device=x_0.device)
+        eps = torch.randn_like(x_0)
+        ab = self.alpha_bar[t].view(-1, 1, 1, 1)
+        x_t = ab.sqrt() * x_0 + (1 - ab).sqrt() * eps
+        return {"loss": F.mse_loss(self.net(x_t, t).sample.float(), eps)}
+
+
+def build(impl, preset):
+    import train
+    if impl == "diffusers":
+        return DiffusersEps(), 32
+    name = CASES[preset][0]
+    cfg = train.presets(name)[preset]
+    return train.model_class(name)(cfg), cfg.image_size
+
+
+def denoiser(impl, model):
+    """(x_t, t) -> eps for the DDIM loop."""
+    if impl == "diffusers":
+        return lambda x, t: model.net(x, t).sample
+    return lambda x, t: model.net(x, t)
+
+
+# --- one case, in a subprocess ---
+
+def run_case(case):
+    device = torch.device(case["device"])
+    torch.manual_seed(0)
+    impl, preset, prec, mode, B = (case[k] for k in ("impl", "preset", "precision", "mode", "batch"))
+    model, S = build(impl, preset)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
+    x = torch.rand(B, 3, S, S, device=device) * 2 - 1
+    batch = {"image": x, "label": torch.zeros(B, dtype=torch.long, device=device),
+             "caption": [""] * B}
+    loss_fn = model.loss
+    if mode == "compile":
+        loss_fn = torch.compile(model.loss)
+    ac = torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16")
+
+    def step():
+        with ac:
+            loss = loss_fn(batch)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(case["warmup"]):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(case["steps"]):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / case["steps"]
+    out = {**case, "params": sum(p.numel() for p in model.parameters()),
+           "img_per_s": B / dt, "step_ms": 1000 * dt}
+    if device.type == "cuda":
+        out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # whole process
+    if case.get("flops"):
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as fc:
+            with ac:
+                loss = model.loss(batch)["loss"]
+            loss.backward()
+        out["flops_per_step"] = fc.get_total_flops()
+        out["achieved_tflops"] = out["flops_per_step"] / dt / 1e12
+    if case.get("sample_n"):
+        out.update(time_ddim(impl, model, S, case, device, ac, sync))
+    return out
+
+
+@torch.inference_mode()
+def time_ddim(impl, model, S, case, device, ac, sync):
+    """Latency of `sample_steps`-step DDIM (eta = 0) for sample_n images: the project's sampler
+    for ours, diffusers' DDIMScheduler loop for diffusers."""
+    model.eval()
+    n, K = case["sample_n"], case["sample_steps"]
+    net = denoiser(impl, model)
+    if case["mode"] == "compile":
+        net = torch.compile(net, mode="reduce-overhead" if device.type == "cuda" else "default")
+    if impl == "diffusers":
+        from diffusers import DDIMScheduler
+        sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+
+        def sample():
+            sched.set_timesteps(K)
+            x = torch.randn(n, 3, S, S, device=device)
+            for t in sched.timesteps:
+                with ac:
+                    eps = net(x, t.to(device).expand(n))
+                x = sched.step(eps.float(), t, x, eta=0.0).prev_sample
+            return x
+    else:
+        diffusion = model.diffusion
+
+        class Net(torch.nn.Module):
+            def forward(self, x, t):
+                with ac:
+                    return net(x, t).float()
+
+        def sample():
+            return diffusion.sample(Net(), (n, 3, S, S), steps=K, eta=0.0, device=device)
+    sample()
+    sync()
+    times = []
+    for _ in range(case["sample_reps"]):
+        t0 = time.perf_counter()
+        sample()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"ddim_ms": 1000 * min(times)}
+
+
+def matmul_tflops(device):
+    """Dense bf16 matmul throughput of the GPU (8192^3), the yardstick of MFU."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192 ** 3 * 20 / (time.perf_counter() - t0) / 1e12
+
+
+# --- the driver ---
+
+def cases_for(args):
+    cuda = args.device == "cuda"
+    impls = ["ours"] + (["diffusers"] if have_diffusers() and not args.no_diffusers else [])
+    out = []
+    for preset in args.only.split(",") if args.only else list(CASES):
+        for impl in impls:
+            if impl == "diffusers" and preset != "ddpm-cifar10":
+                continue
+            for prec in args.precisions.split(","):
+                for mode in args.modes.split(","):
+                    B = args.batch or CASES[preset][1 if cuda else 2]
+                    case = dict(impl=impl, preset=preset, precision=prec, mode=mode, batch=B,
+                                device=args.device, warmup=args.warmup or (5 if cuda else 1),
+                                steps=args.steps or (20 if cuda else 3))
+                        # sampling figures for the ddpm-cifar10 rows only: the issue's DDIM target
+                    if preset == "ddpm-cifar10":
+                        case.update(sample_n=64 if cuda else 4, sample_steps=25,
+                                    sample_reps=3 if cuda else 1)
+                    if cuda and preset == "adm-imagenet64" and prec == "bf16":
+                        case["flops"] = True
+                    out.append(case)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--only", default=None, help="comma-separated presets (default: all)")
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--modes", default="eager,compile")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per case")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--no-diffusers", action="store_true")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one case as JSON
+    args = p.parse_args()
+    if args.case:
+        print("RESULT " + json.dumps(run_case(json.loads(args.case))), flush=True)
+        return
+    print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, "
+          f"torch {torch.__version__}, diffusers: "
+          f"{'yes' if have_diffusers() and not args.no_diffusers else 'not installed'}")
+    peak = matmul_tflops(torch.device("cuda")) if args.device == "cuda" else None
+    if peak:
+        print(f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s")
+    rows = []
+    hdr = (f"{'impl':9} {'preset':15} {'prec':5} {'mode':8} {'batch':>5} {'img/s':>8} "
+           f"{'step ms':>8} {'peak MB':>8} {'ddim25 ms':>10} {'MFU':>6}")
+    print(hdr)
+    for case in cases_for(args):
+        r = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
+                           capture_output=True, text=True, env={**os.environ})
+        line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            err = (r.stderr.strip().splitlines() or ["?"])[-1][:80]
+            print(f"{case['impl']:9} {case['preset']:15} {case['precision']:5} {case['mode']:8} "
+                  f"failed: {err}")
+            continue
+        row = json.loads(line[7:])
+        if peak and "achieved_tflops" in row:
+            row["mfu"] = row["achieved_tflops"] / peak
+        rows.append(row)
+        ddim = f"{row['ddim_ms']:.0f}" if "ddim_ms" in row else "-"
+        mfu = f"{100 * row['mfu']:.0f}%" if "mfu" in row else "-"
+        print(f"{row['impl']:9} {row['preset']:15} {row['precision']:5} {row['mode']:8} "
+              f"{row['batch']:5d} {row['img_per_s']:8.1f} {row['step_ms']:8.1f} "
+              f"{row['peak_mb']:8.0f} {ddim:>10} {mfu:>6}", flush=True)
+    ratios(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def ratios(rows):
+    """ours / diffusers for every (precision, mode) measured for both."""
+    by = {(r["impl"], r["precision"], r["mode"]): r for r in rows if r["preset"] == "ddpm-cifar10"}
+    for (impl, prec, mode), r in sorted(by.items()):
+        d = by.get(("diffusers", prec, mode))
+        if impl == "ours" and d:
+            msg = (f"ddpm-cifar10 {prec} {mode}: train {r['img_per_s'] / d['img_per_s']:.2f}x "
+                   f"diffusers' images/s, peak memory {r['peak_mb'] / d['peak_mb']:.2f}x")
+            if "ddim_ms" in r and "ddim_ms" in d:
+                msg += f", DDIM latency {r['ddim_ms'] / d['ddim_ms']:.2f}x"
+            print(msg)
+
+
+if __name__ == "__main__":
+    main()
