@@ -466,7 +466,6 @@ MODELS = {
                   "(Ramesh et al. 2021)",
                   {"dvae": dict(steps=1500, batch_size=32, lr=2e-3),
                    "transformer": dict(steps=800, batch_size=32, lr=1e-3)}),
-                 {"main": dict(steps=2000, batch_size=32, lr=1e-3)}),
     "adm": Spec("guided", "ADM", "class-conditional ADM with classifier-free guidance "
                 "(Dhariwal & Nichol 2021; Ho & Salimans 2021)",
                 {"main": dict(steps=1500, batch_size=16, lr=1e-3)}),
@@ -476,8 +475,6 @@ MODELS = {
     "glide": Spec("guided", "GLIDE", "text-to-image base model and upsampler (Nichol et al. 2021)",
                   {"base": dict(steps=1000, batch_size=32, lr=1e-3),
                    "upsample": dict(steps=400, batch_size=16, lr=1e-3)}, "GLIDE_PRESETS"),
-                  {"base": dict(steps=1500, batch_size=32, lr=1e-3),
-                   "upsample": dict(steps=500, batch_size=16, lr=1e-3)}, "GLIDE_PRESETS"),
     "unclip": Spec("unclip", "UnCLIP", "unCLIP / DALL-E 2: CLIP, prior, decoder, upsamplers "
                    "(Ramesh et al. 2022); --prior diffusion|ar",
                    {"clip": dict(steps=600, batch_size=64, lr=1e-3),
