@@ -449,7 +449,7 @@ MODELS = {
     "dae": Spec("vae", "DAE", "denoising autoencoder (Vincent et al. 2008)",
                 {"main": dict(steps=1500, batch_size=64, lr=2e-3)}),
     "vae": Spec("vae", "VAE", "variational autoencoder (Kingma & Welling 2013)",
-                {"main": dict(steps=2000, batch_size=64, lr=2e-3)}),
+                {"main": dict(steps=2000, batch_size=64, lr=1e-3)}),
 }
 
 
