@@ -450,7 +450,7 @@ MODELS = {
     "dae": Spec("vae", "DAE", "denoising autoencoder (Vincent et al. 2008)",
                 {"main": dict(steps=1500, batch_size=64, lr=2e-3)}),
     "vae": Spec("vae", "VAE", "variational autoencoder (Kingma & Welling 2013)",
-                {"main": dict(steps=2000, batch_size=64, lr=2e-3)}),
+                {"main": dict(steps=2000, batch_size=64, lr=1e-3)}),
     "ddpm": Spec("ddpm", "DDPM", "DDPM and Improved DDPM (Ho et al. 2020; Nichol & Dhariwal 2021)",
                  {"main": dict(steps=1000, batch_size=32, lr=1e-3)}),
     "vqvae": Spec("vqvae", "VQVAE", "VQ-VAE + Gated PixelCNN prior (van den Oord et al. 2017)",
