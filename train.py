@@ -450,9 +450,9 @@ MODELS = {
     "dae": Spec("vae", "DAE", "denoising autoencoder (Vincent et al. 2008)",
                 {"main": dict(steps=1500, batch_size=64, lr=2e-3)}),
     "vae": Spec("vae", "VAE", "variational autoencoder (Kingma & Welling 2013)",
-                {"main": dict(steps=3000, batch_size=64, lr=2e-3)}),
+                {"main": dict(steps=2000, batch_size=64, lr=2e-3)}),
     "ddpm": Spec("ddpm", "DDPM", "DDPM and Improved DDPM (Ho et al. 2020; Nichol & Dhariwal 2021)",
-                 {"main": dict(steps=2000, batch_size=32, lr=1e-3)}),
+                 {"main": dict(steps=1000, batch_size=32, lr=1e-3)}),
     "adm": Spec("guided", "ADM", "class-conditional ADM with classifier-free guidance "
                 "(Dhariwal & Nichol 2021; Ho & Salimans 2021)",
                 {"main": dict(steps=1500, batch_size=16, lr=1e-3)}),
@@ -926,6 +926,12 @@ def run_training(args, overrides):
         except (ValueError, TypeError) as e:
             raise UsageError(f"invalid {name} config: {e}")
         model.to(device)
+        phases = phases_of(model)
+        if args.phase:  # the phases before it must be done: check before anything is written
+            for ph in phases[:phases.index(args.phase)]:
+                if not (run / ckpt_name(model, ph)).exists():
+                    raise UsageError(f"--phase {args.phase} needs phase {ph} first: "
+                                     f"python train.py {name} --out {run} --phase {ph}")
         if d.rank == 0:
             run.mkdir(parents=True, exist_ok=True)
             if not existing:
@@ -936,14 +942,10 @@ def run_training(args, overrides):
                 os.replace(tmp, run / "run.json")
         if d.on:
             dist.barrier()
-        phases = phases_of(model)
         todo = [args.phase] if args.phase else list(phases)
         for i, phase in enumerate(phases):
             if phase not in todo:
                 if phases.index(phase) < phases.index(todo[0]):
-                    if not (run / ckpt_name(model, phase)).exists():
-                        raise UsageError(f"--phase {todo[0]} needs phase {phase} first: "
-                                         f"python train.py {name} --out {run} --phase {phase}")
                     load_phase_weights(model, run, phase, device=device)
                 continue
             hp = hparams[phase]
