@@ -121,7 +121,10 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z (B, J) -> mu_theta(z) (B, C, H, W) in [-1, 1]; mirrors the encoder."""
+    """z (B, J) -> mu_theta(z) (B, C, H, W); mirrors the encoder. The mean is left unbounded: the
+    outer bins of the discretised likelihood reach to -inf and +inf, so a black pixel is only
+    near-certain when mu can go below -1 (a tanh would cap its probability near 1/2 and push the
+    model into ignoring z). Images shown to the user are clamped to [-1, 1]."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -141,7 +144,7 @@ class Decoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):
-        return torch.tanh(self.net(z))
+        return self.net(z)
 
 
 def _check(cfg):
@@ -177,7 +180,7 @@ class AE(nn.Module):
         return self.encoder(x)
 
     def reconstruct(self, x):
-        return self.decoder(self.encode(x))
+        return self.decoder(self.encode(x)).clamp(-1, 1)
 
     def loss(self, batch):
         x = batch["image"]
@@ -234,7 +237,7 @@ class VAE(AE):
         return mu, logvar.clamp(-30, 20)
 
     def reconstruct(self, x):
-        return self.decoder(self.encode(x)[0])
+        return self.decoder(self.encode(x)[0]).clamp(-1, 1)
 
     def log_px_given_z(self, x, z):
         """log p_theta(x|z) summed over pixels. x (B, C, H, W), z (B, J) -> (B,)"""
@@ -292,4 +295,4 @@ class VAE(AE):
         """z ~ N(0, T^2 I) -> mu_theta(z). Returns (n, C, H, W) in [-1, 1]."""
         device = self.log_sigma.device
         z = temperature * torch.randn(n, self.config.latent_dim, device=device)
-        return self.decoder(z).float()
+        return self.decoder(z).float().clamp(-1, 1)
