@@ -449,7 +449,7 @@ MODELS = {
     "dae": Spec("vae", "DAE", "denoising autoencoder (Vincent et al. 2008)",
                 {"main": dict(steps=1500, batch_size=64, lr=2e-3)}),
     "vae": Spec("vae", "VAE", "variational autoencoder (Kingma & Welling 2013)",
-                {"main": dict(steps=2000, batch_size=64, lr=2e-3)}),
+                {"main": dict(steps=2000, batch_size=64, lr=1e-3)}),
     "vqvae": Spec("vqvae", "VQVAE", "VQ-VAE + Gated PixelCNN prior (van den Oord et al. 2017)",
                   {"vqvae": dict(steps=2000, batch_size=32, lr=2e-3),
                    "prior": dict(steps=2000, batch_size=32, lr=2e-3)}),
@@ -921,6 +921,12 @@ def run_training(args, overrides):
         except (ValueError, TypeError) as e:
             raise UsageError(f"invalid {name} config: {e}")
         model.to(device)
+        phases = phases_of(model)
+        if args.phase:  # the phases before it must be done: check before anything is written
+            for ph in phases[:phases.index(args.phase)]:
+                if not (run / ckpt_name(model, ph)).exists():
+                    raise UsageError(f"--phase {args.phase} needs phase {ph} first: "
+                                     f"python train.py {name} --out {run} --phase {ph}")
         if d.rank == 0:
             run.mkdir(parents=True, exist_ok=True)
             if not existing:
@@ -931,14 +937,10 @@ def run_training(args, overrides):
                 os.replace(tmp, run / "run.json")
         if d.on:
             dist.barrier()
-        phases = phases_of(model)
         todo = [args.phase] if args.phase else list(phases)
         for i, phase in enumerate(phases):
             if phase not in todo:
                 if phases.index(phase) < phases.index(todo[0]):
-                    if not (run / ckpt_name(model, phase)).exists():
-                        raise UsageError(f"--phase {todo[0]} needs phase {phase} first: "
-                                         f"python train.py {name} --out {run} --phase {phase}")
                     load_phase_weights(model, run, phase, device=device)
                 continue
             hp = hparams[phase]

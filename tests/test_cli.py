@@ -29,10 +29,22 @@ def error_line(capsys):
     return err[0]
 
 
-def test_train_resume_is_exact_and_sample_loads(tmp_path, capsys):
+def test_train_resume_is_exact_and_sample_loads(tmp_path, capsys, monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_train("vae", *SMALL, "--steps", 6, "--out", a) == 0
-    assert run_train("vae", *SMALL, "--steps", 3, "--out", b, "--save-every", 3) == 0
+    # the same run, interrupted (as by Ctrl-C) in its 4th step, then resumed
+    calls, real = {"n": 0}, vae.VAE.loss
+
+    def interrupted(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    monkeypatch.setattr(vae.VAE, "loss", interrupted)
+    assert run_train("vae", *SMALL, "--steps", 6, "--out", b) == 130
+    monkeypatch.setattr(vae.VAE, "loss", real)
+    assert torch.load(b / "ckpt.pt", weights_only=True)["step"] == 3
     assert run_train("vae", "--steps", 6, "--out", b, "--resume", "--log-every", 2) == 0
     ca = torch.load(a / "ckpt.pt", weights_only=True)
     cb = torch.load(b / "ckpt.pt", weights_only=True)

@@ -107,3 +107,17 @@ def test_bad_config_is_a_clear_error():
         VAE(VAEConfig(image_size=20, channels=(8, 8, 8)))
     with pytest.raises(ValueError, match="arch"):
         VAE(VAEConfig(arch="rnn"))
+
+
+def test_kl_warmup_weights_the_kl_and_ends_at_the_elbo():
+    torch.manual_seed(0)
+    m, b = VAE(CFG), batch(4)
+    m.set_progress(0, 100)
+    torch.manual_seed(1)
+    start = m.loss(b)
+    assert m.kl_weight == 0 and torch.isclose(start["loss"] * 3 * 16 * 16, start["recon_nats"])
+    m.set_progress(50, 100)
+    assert m.kl_weight == 1.0
+    torch.manual_seed(1)
+    end = m.loss(b)
+    assert torch.isclose(end["loss"] * 3 * 16 * 16, end["recon_nats"] + end["kl_nats"])
