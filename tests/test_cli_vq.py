@@ -82,7 +82,8 @@ def test_vqvae2_all_phases_resume_and_sample(tmp_path, capsys):
     (["vqvae", "--prior-kernel", "4"], "odd"),
 ])
 def test_bad_training_input(tmp_path, capsys, argv, message):
-    assert run_train(*argv, "--out", tmp_path / "new") == 2
+    # --steps 1: should the input be accepted after all, the test fails fast instead of training
+    assert run_train(*argv, "--steps", 1, "--sample-n", 0, "--out", tmp_path / "new") == 2
     assert message in error_line(capsys)
 
 
