@@ -19,11 +19,14 @@ labels = torch.arange(a.n) % K
 colors = list(train.COLORS)
 results = {}
 for s in a.settings.split(","):
-    kw = dict(label=labels, steps=a.steps, progress=False)
-    if s.startswith("cfg"):
-        kw["guidance_scale"] = float(s[3:])
-    else:  # classifier guidance of the unconditional model (null label), toward `labels`
-        kw.update(guidance_scale=0.0, classifier=clf, classifier_scale=float(s[3:]))
+    # cfgS: classifier-free scale S; clfS: classifier guidance of the unconditional model (null
+    # label) toward `labels`; cfgS+clfC: both
+    kw = dict(label=labels, steps=a.steps, progress=False, guidance_scale=0.0)
+    for part in s.split("+"):
+        if part.startswith("cfg"):
+            kw["guidance_scale"] = float(part[3:])
+        else:
+            kw.update(classifier=clf, classifier_scale=float(part[3:]))
     torch.manual_seed(0)
     t0 = time.time()
     with torch.no_grad():
