@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import gzip
 import importlib
-import inspect
 import json
 import math
 import os
@@ -613,9 +612,6 @@ def parse_args(argv):
 
 TRAIN_DEFAULTS = dict(data="shapes", weight_decay=0.0, warmup=100, grad_clip=1.0,
                       ema_decay=0.999, seed=0)
-RESUMABLE_KEYS = ("data", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "ema_decay",
-                  "seed", "steps", "precision")
-
 
 def apply_overrides(config, overrides):
     """dataclasses.replace for dotted paths ('prior.depth')."""
