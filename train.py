@@ -613,6 +613,7 @@ def parse_args(argv):
 TRAIN_DEFAULTS = dict(data="shapes", weight_decay=0.0, warmup=100, grad_clip=1.0,
                       ema_decay=0.999, seed=0)
 
+
 def apply_overrides(config, overrides):
     """dataclasses.replace for dotted paths ('prior.depth')."""
     for path, v in overrides.items():
