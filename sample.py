@@ -310,7 +310,7 @@ def main(argv=None):
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
         return run(args)
-    except UsageError as e:
+    except (UsageError, ValueError) as e:  # the model files raise ValueError for bad input or config
         print(f"error: {e}", file=sys.stderr)
         return 2
 

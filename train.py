@@ -441,6 +441,9 @@ class Spec:
     # per phase (in the model's order): default steps, batch_size, lr of a CPU-sized run
     phases: dict = field(default_factory=dict)
     presets: str = "PRESETS"  # the presets dict in the model file (one file may hold several models)
+    # keywords of model.sample for the samples.png written after training: a quick look, so that
+    # the default run is not dominated by a full-length sampler (sample.py uses the model's own)
+    preview: dict = field(default_factory=dict)
 
 
 MODELS = {
@@ -451,7 +454,7 @@ MODELS = {
     "vae": Spec("vae", "VAE", "variational autoencoder (Kingma & Welling 2013)",
                 {"main": dict(steps=2000, batch_size=64, lr=1e-3)}),
     "ddpm": Spec("ddpm", "DDPM", "DDPM and Improved DDPM (Ho et al. 2020; Nichol & Dhariwal 2021)",
-                 {"main": dict(steps=1000, batch_size=32, lr=1e-3)}),
+                 {"main": dict(steps=1000, batch_size=32, lr=1e-3)}, preview=dict(steps=100)),
     "vqvae": Spec("vqvae", "VQVAE", "VQ-VAE + Gated PixelCNN prior (van den Oord et al. 2017)",
                   {"vqvae": dict(steps=2000, batch_size=32, lr=2e-3),
                    "prior": dict(steps=2000, batch_size=32, lr=2e-3)}),
@@ -460,7 +463,7 @@ MODELS = {
                     "prior_top": dict(steps=1500, batch_size=32, lr=2e-3),
                     "prior_bottom": dict(steps=1500, batch_size=32, lr=2e-3)}),
     "clip": Spec("clip", "CLIP", "contrastive image-text embeddings, no samples (Radford et al. 2021)",
-                 {"main": dict(steps=1500, batch_size=128, lr=1e-3)}),
+                 {"main": dict(steps=1000, batch_size=128, lr=1e-3)}),
     "dalle": Spec("dalle", "DALLE", "discrete VAE, then a Transformer over text and image tokens "
                   "(Ramesh et al. 2021)",
                   {"dvae": dict(steps=1500, batch_size=32, lr=2e-3),
@@ -476,9 +479,9 @@ MODELS = {
                    "upsample": dict(steps=400, batch_size=16, lr=1e-3)}, "GLIDE_PRESETS"),
     "unclip": Spec("unclip", "UnCLIP", "unCLIP / DALL-E 2: CLIP, prior, decoder, upsamplers "
                    "(Ramesh et al. 2022); --prior diffusion|ar",
-                   {"clip": dict(steps=600, batch_size=64, lr=1e-3),
-                    "prior": dict(steps=400, batch_size=64, lr=1e-3),
-                    "decoder": dict(steps=1400, batch_size=32, lr=1e-3),
+                   {"clip": dict(steps=1000, batch_size=128, lr=1e-3),
+                    "prior": dict(steps=400, batch_size=32, lr=1e-3),
+                    "decoder": dict(steps=1500, batch_size=16, lr=1e-3),
                     "upsampler1": dict(steps=400, batch_size=32, lr=1e-3),
                     "upsampler2": dict(steps=300, batch_size=32, lr=1e-3)}),
 }
@@ -570,6 +573,8 @@ def build_parser(name=None):
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (0.0)")
     g.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (100)")
+    g.add_argument("--lr-schedule", default=None, choices=["constant", "cosine"],
+                   help="after warm-up: constant lr, or cosine decay to 0 (CLIP; default per model)")
     g.add_argument("--grad-clip", type=float, default=None, help="gradient norm clip (1.0)")
     g.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the weights (0.999)")
     g.add_argument("--out", default=None, help="run directory (default runs/MODEL)")
@@ -610,7 +615,7 @@ def parse_args(argv):
     return args, overrides
 
 
-TRAIN_DEFAULTS = dict(data="shapes", weight_decay=0.0, warmup=100, grad_clip=1.0,
+TRAIN_DEFAULTS = dict(data="shapes", weight_decay=0.0, warmup=100, lr_schedule="constant", grad_clip=1.0,
                       ema_decay=0.999, seed=0)
 
 
@@ -626,6 +631,16 @@ def apply_overrides(config, overrides):
 
 
 # --- training loop ---
+
+def learning_rate(hp, step):
+    """Linear warm-up over hp['warmup'] steps, then constant or, with lr_schedule 'cosine', a cosine
+    decay to 0 at hp['steps'] (the CLIP paper's schedule, section 2.5)."""
+    warm = max(1, hp["warmup"])
+    if step < warm or hp.get("lr_schedule", "constant") == "constant":
+        return hp["lr"] * min(1.0, (step + 1) / warm)
+    progress = (step - warm) / max(1, hp["steps"] - warm)
+    return hp["lr"] * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
 
 class EMA:
     """Exponential moving average of a module's weights; buffers are copied as they are.
@@ -797,7 +812,7 @@ def train_phase(model, name, phase, run, cfg, hp, datasets, device, d, args):
             batch = to_device(batch, device, in_ch)
             if hasattr(model, "set_progress"):
                 model.set_progress(step, total, phase)
-            lr = hp["lr"] * min(1.0, (step + 1) / max(1, hp["warmup"]))
+            lr = learning_rate(hp, step)
             for g in opt.param_groups:
                 g["lr"] = lr
             with autocast(device, args.precision):
@@ -887,7 +902,7 @@ def resolve_run(name, args, overrides):
             raise UsageError(f"{run} already holds a run; continue it with --resume, "
                              "or choose a new directory with --out")
     explicit = {k: getattr(args, k) for k in ("data", "steps", "batch_size", "lr", "weight_decay",
-                                               "warmup", "grad_clip", "ema_decay", "seed")
+                                               "warmup", "lr_schedule", "grad_clip", "ema_decay", "seed")
                 if getattr(args, k) is not None}
     if existing:
         info = json.loads(info_path.read_text())
@@ -912,7 +927,10 @@ def resolve_run(name, args, overrides):
         if preset not in presets(name):
             raise UsageError(f"--preset {preset}: {name} has presets {', '.join(presets(name))}")
         config = apply_overrides(copy.deepcopy(presets(name)[preset]), overrides)
-        hparams = {ph: {**TRAIN_DEFAULTS, **spec.phases[ph], **explicit} for ph in phases}
+        # --steps, --lr ... apply to the phase being run (all without --phase); --data, --seed to all
+        shared = {k: v for k, v in explicit.items() if k in ("data", "seed")}
+        hparams = {ph: {**TRAIN_DEFAULTS, **spec.phases[ph], **(explicit if args.phase in (None, ph) else shared)}
+                   for ph in phases}
     args.preset = preset
     return run, config, hparams, existing
 
@@ -970,7 +988,7 @@ def run_training(args, overrides):
             train_phase(model, name, phase, run, config, hp, datasets, device, d, args)
         finished = all((run / ckpt_name(model, ph)).exists() for ph in phases)
         if d.rank == 0 and finished and args.sample_n > 0:
-            write_samples(model, run, datasets["test"], device, args, config)
+            write_samples(model, run, datasets["test"], device, args, config, MODELS[name].preview)
         return 0
     finally:
         if d.on:
@@ -978,17 +996,19 @@ def run_training(args, overrides):
 
 
 @torch.no_grad()
-def write_samples(model, run, test_set, device, args, config):
-    """samples.png for generative models; reconstructions.png for autoencoders that cannot sample."""
+def write_samples(model, run, test_set, device, args, config, preview=None):
+    """samples.png for generative models (model.sample(n, **preview)); reconstructions.png for
+    autoencoders that cannot sample."""
     model.eval()
     torch.manual_seed(0)
     t0 = time.time()
     if hasattr(model, "sample"):
         try:
             with autocast(device, args.precision):
-                images = model.sample(args.sample_n)
+                images = model.sample(args.sample_n, **(preview or {}))
             save_grid(images, run / "samples.png")
-            log(f"wrote {run / 'samples.png'} ({args.sample_n} samples in {time.time() - t0:.1f}s)")
+            how = "".join(f", {k} {v}" for k, v in (preview or {}).items())
+            log(f"wrote {run / 'samples.png'} ({args.sample_n} samples{how} in {time.time() - t0:.1f}s)")
             return
         except NotImplementedError:
             pass
@@ -1010,7 +1030,7 @@ def main(argv=None):
     try:
         args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         return run_training(args, overrides)
-    except UsageError as e:
+    except (UsageError, ValueError) as e:  # the model files raise ValueError for bad input or config
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:

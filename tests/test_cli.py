@@ -13,20 +13,11 @@ import torch
 import sample
 import train
 import vae
+from conftest import run_train, error_line
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--image-size", "16", "--channels", "8,16", "--latent-dim", "4", "--batch-size", "8",
          "--data", "shapes:64", "--log-every", "2", "--save-every", "2", "--sample-n", "4"]
-
-
-def run_train(*argv):
-    return train.main([str(a) for a in argv])
-
-
-def error_line(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 def test_train_resume_is_exact_and_sample_loads(tmp_path, capsys, monkeypatch):
@@ -190,3 +181,13 @@ def test_two_process_ddp_on_cpu(tmp_path):
     ck = torch.load(run / "ckpt.pt", weights_only=True)
     assert ck["step"] == 4 and len(ck["rng"]) == 2
     assert (run / "samples.png").exists()
+
+
+def test_learning_rate_warmup_then_constant_or_cosine():
+    hp = dict(lr=2.0, warmup=10, steps=110, lr_schedule="cosine")
+    assert train.learning_rate(hp, 0) == pytest.approx(0.2)  # linear warm-up
+    assert train.learning_rate(hp, 9) == pytest.approx(2.0)
+    assert train.learning_rate(hp, 60) == pytest.approx(1.0)  # half way through the decay
+    assert train.learning_rate(hp, 109) < 1e-3  # cosine decay reaches 0 at the last step
+    assert train.learning_rate({**hp, "lr_schedule": "constant"}, 109) == pytest.approx(2.0)
+    assert train.learning_rate({k: v for k, v in hp.items() if k != "lr_schedule"}, 60) == pytest.approx(2.0)

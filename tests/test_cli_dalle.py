@@ -5,16 +5,11 @@ import torch
 import dalle
 import sample
 import train
+from conftest import error_line
 
 SMALL = ["--image-size", "16", "--image-vocab-size", "32", "--n-hid", "8", "--n-init", "8",
          "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--batch-size", "4",
          "--data", "shapes:16", "--steps", "2", "--log-every", "1", "--sample-n", "2"]
-
-
-def error_line(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,6 @@
 """train.py and sample.py end to end for the phased models vqvae and vqvae2."""
+import json
+
 import pytest
 import torch
 
@@ -6,6 +8,7 @@ import sample
 import train
 import vqvae
 import vqvae2
+from conftest import run_train, error_line
 
 COMMON = ["--image-size", "16", "--hidden", "8", "--res-hidden", "4", "--num-res-blocks", "1",
           "--num-codes", "8", "--code-dim", "4", "--prior-out-hidden", "8", "--batch-size", "8",
@@ -18,20 +21,13 @@ SMALL = {
 }
 
 
-def run_train(*argv):
-    return train.main([str(a) for a in argv])
-
-
-def error_line(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
-
 def test_vqvae_phase_by_phase_then_sample(tmp_path, capsys):
     run = tmp_path / "r"
     assert run_train("vqvae", *SMALL["vqvae"], "--steps", 2, "--out", run, "--phase", "vqvae") == 0
     assert (run / "ckpt_vqvae.pt").exists() and not (run / "ckpt_prior.pt").exists()
+    hp = json.loads((run / "run.json").read_text())["hparams"]
+    assert hp["vqvae"]["steps"] == 2 and hp["prior"]["steps"] == train.MODELS["vqvae"].phases["prior"]["steps"]
+    assert hp["prior"]["data"] == hp["vqvae"]["data"] == "shapes:64"  # --data is shared by all phases
     assert sample.main([str(run), "-n", "2"]) == 2
     assert "has not finished phase prior" in error_line(capsys)
     assert sample.main([str(run), "-n", "4", "--reconstruct"]) == 0  # the autoencoder alone

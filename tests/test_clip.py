@@ -348,3 +348,20 @@ def test_cli_trains_resumes_and_evaluates(tmp_path, capsys):
     assert "not a generative model" in capsys.readouterr().err
     assert train.main(["clip", "--patch-size", "5", "--out", str(tmp_path / "bad")]) == 2
     assert "not a multiple of patch_size" in capsys.readouterr().err
+
+
+def test_cli_captionless_folder_is_a_one_line_error(tmp_path, capsys):
+    from PIL import Image
+
+    from conftest import error_line, run_train
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):  # images without caption files
+        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    assert run_train("clip", "--image-size", "16", "--patch-size", "8", "--vision-width", "32",
+                     "--vision-layers", "1", "--vision-heads", "2", "--text-width", "32", "--text-layers", "1",
+                     "--text-heads", "2", "--embed-dim", "16", "--batch-size", "4", "--steps", "2",
+                     "--data", f"folder:{folder}", "--out", run) == 2
+    assert "images without one" in error_line(capsys)
+    assert not (run / "ckpt.pt").exists()

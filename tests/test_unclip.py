@@ -231,7 +231,8 @@ def test_unclip_phases_losses_and_sampling():
     torch.manual_seed(0)
     for prior in ("diffusion", "ar"):
         model = unclip.UnCLIP(tiny_config(prior=prior))
-        ds = train.ShapesDataset(8, 64)
+        S = model.cfg.image_size  # the final side, after both upsamplers
+        ds = train.ShapesDataset(8, S)
         b = torch.utils.data.default_collate([ds[i] for i in range(4)])
         b["caption"] = list(b["caption"])
         model.prepare("prior", [b])
@@ -246,10 +247,10 @@ def test_unclip_phases_losses_and_sampling():
         x = model.sample(2, prompt=b["caption"][:2])
         torch.manual_seed(3)
         y = model.sample(2, prompt=b["caption"][:2])
-        assert x.shape == (2, 3, 64, 64) and torch.equal(x, y)
-        assert model.variations(b["image"][0], 2).shape == (2, 3, 64, 64)
-        assert model.interpolate(b["image"][0], b["image"][1], 3).shape == (3, 3, 64, 64)
-        assert model.text_diff(b["image"][0], "a red circle", "a blue circle", 2).shape == (2, 3, 64, 64)
+        assert x.shape == (2, 3, S, S) and torch.equal(x, y)
+        assert model.variations(b["image"][0], 2).shape == (2, 3, S, S)
+        assert model.interpolate(b["image"][0], b["image"][1], 3).shape == (3, 3, S, S)
+        assert model.text_diff(b["image"][0], "a red circle", "a blue circle", 2).shape == (2, 3, S, S)
         ev = model.evaluate(b)
         assert set(ev) >= {"clip_retrieval_top1", "prior_cosine"}
 
@@ -258,7 +259,7 @@ def test_bad_configs_are_reported():
     with pytest.raises(ValueError, match="prior"):
         unclip.UnCLIP(tiny_config(prior="gan"))
     with pytest.raises(ValueError, match="chain"):
-        unclip.UnCLIP(tiny_config(image_size=128))
+        unclip.UnCLIP(tiny_config(image_size=2 * unclip.PRESETS["tiny"].image_size))
 
 
 # --- the paper's presets ---
@@ -304,7 +305,7 @@ def test_cli_trains_every_part_and_samples(tmp_path, capsys):
     assert train.main(["unclip", "--part", "clip", *flags]) == 0
     assert sample.main([str(run), "--prompt", "a red circle"]) == 2  # not finished yet
     assert "has not finished phase prior" in capsys.readouterr().err
-    assert train.main(["unclip", "--out", str(run), "--resume", "--steps", "2"]) == 0
+    assert train.main(["unclip", "--out", str(run), "--resume", "--steps", "2", "--batch-size", "4"]) == 0
     for phase in unclip.UnCLIP.phases:
         assert (run / f"ckpt_{phase}.pt").exists()
     assert (run / "samples.png").exists()
