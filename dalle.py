@@ -8,7 +8,7 @@ Two stages, one ELB (paper eq. 1):
    at each cell of an (H/f, W/f) grid; q_phi is the categorical they define. Training relaxes the
    categorical with the Gumbel-softmax at temperature tau (annealed 1 -> 1/16), uses the uniform
    prior over the K codes (KL weight beta ramped 0 -> 6.6), and the logit-Laplace likelihood for
-   the pixels (appendix A.3). Layout as in the authors' release (openai/DALL-E dall_e/encoder.py,
+   the pixels (appendix A.3; the tiny preset uses a logit-normal, see below). Layout as in the authors' release (openai/DALL-E dall_e/encoder.py,
    decoder.py): bottleneck resblocks scaled by 1 / n_layers^2, a 7x7 input conv, max-pooling in the
    encoder, nearest upsampling in the decoder, 1x1 convs next to the relaxation.
 2. Stage two (phase "transformer", section 2.2, appendix B.1): a decoder-only Transformer p_psi over
@@ -39,9 +39,12 @@ Deviations from the paper (said here once, and again where they happen):
   discretized one, a floor on b, a fixed b) trained a dVAE whose reconstructions were black: the
   Laplace's location is a median, so a pixel stays black until the codes make its colour more
   likely than black there, and until then the encoder gets no pull toward carrying colour; a learned
-  b adds a second way out (a broad b where a shape may be). The Gaussian's location is a mean, which
-  moves toward a colour as soon as the colour is possible, so the codes pick up colour within a few
-  hundred steps (300 steps at 1 thread: every test image's colour right from the argmax tokens).
+  b adds a second way out (a broad b where a shape may be; the discretized version's edge bins,
+  which own all the mass beyond 0 and 255, make that hedge cheap). The Gaussian's location is a
+  mean, which moves toward a colour as soon as the colour is possible, so the codes pick up colour
+  within a few hundred steps (the default run: the colour of every one of 200 test images right
+  from the argmax tokens). Its sigma is fixed: a learned per-pixel scale is what let the
+  logit-Laplace hedge, and we did not try a learned sigma.
 - Transformer blocks are pre-LayerNorm GPT-2 blocks (GELU MLP of width 4d, init N(0, 0.02), residual
   projections scaled by 1/sqrt(2 * n_layer)); the paper does not publish its block or init.
 - Schedules run on the fraction of the phase done (set_progress) so short runs keep their shape;
@@ -56,6 +59,7 @@ Glossary (paper -> code):
     beta         KL weight, self.beta
     y            relaxed one-hot sample, `y_soft` (B, K, h, w); also the caption, `text`
     mu, ln_b     logit-Laplace location and log-scale, decoder output (B, 2C, H, W)
+    sigma        logit-normal scale (fixed), logit_normal_sigma; the logit-normal uses mu, not ln_b
     z            image tokens (B, h * w), argmax of the encoder logits
     p_psi        the Transformer, DALLETransformer
 """
@@ -102,11 +106,13 @@ class DALLEConfig:
 
 PRESETS: dict[str, DALLEConfig] = {
     # CPU, minutes: 32x32 shapes, an 8x8 grid of 512 codes, a 4-layer Transformer (0.27M dVAE +
-    # 1.0M Transformer params). The loss is divided by C H W, so beta weighs each grid cell's KL against the C H W / hw
-    # pixel values it covers: 192 in the paper, 48 here. beta = 6.6 * 48 / 192 keeps the paper's
-    # balance per cell (with 6.6, our short tiny runs collapsed to the uniform prior).
-    # The pixel likelihood is the logit-normal (sigma 0.4) and tau falls over the first 30% of the
-    # phase, not 5%: see the module docstring for why the logit-Laplace leaves this dVAE black.
+    # 1.0M Transformer params). The loss is divided by C H W, so beta weighs each grid cell's KL
+    # against the C H W / hw pixel values it covers: 192 in the paper, 48 here. beta = 6.6 * 48 / 192
+    # keeps the paper's balance per cell (with 6.6, our short tiny runs collapsed to the uniform
+    # prior). The pixel likelihood is the logit-normal (sigma 0.4), not the logit-Laplace, which left
+    # this dVAE black (module docstring). tau falls over the first 30% of the phase rather than the
+    # paper's 5% (150k of 3M updates), so the encoder gets a couple of hundred steps, not a few
+    # dozen, at the warm end of the relaxation; 30% is the value we tried, not a tuned one.
     "tiny": DALLEConfig(beta_max=6.6 * 48 / 192, pixel_likelihood="logit-normal", tau_anneal=0.3),
     # Paper: 256x256 images, 32x32 grid of 8192 codes (appendix A.1); 64 layers, 62 heads,
     # d_model 3968, 256 text tokens of a 16384 vocabulary (appendix B.1). The Transformer has
