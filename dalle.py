@@ -332,6 +332,13 @@ class DiscreteVAE(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
+    def pixel_nll(self, x01: torch.Tensor, mu: torch.Tensor, ln_b: torch.Tensor) -> torch.Tensor:
+        """-ln p_theta(x | y) per pixel value, in nats: the config's pixel_likelihood. All (B, C, H, W)."""
+        eps = self.cfg.logit_laplace_eps
+        if self.cfg.pixel_likelihood == "logit-normal":  # the decoder's ln_b maps go unused
+            return logit_normal_nll(map_pixels(x01.float(), eps), mu, self.cfg.logit_normal_sigma)
+        return discretized_logit_laplace_nll(x01, mu, ln_b, eps)
+
     def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) in [-1, 1] -> z (B, h * w): argmax of the logits, no Gumbel noise (section 2.2)."""
         x_mapped = map_pixels((x.float() + 1) / 2, self.cfg.logit_laplace_eps)
@@ -577,11 +584,7 @@ class DALLE(nn.Module):
         g = -torch.log(-torch.log(u))
         y_soft = F.softmax((logits + g) / tau, dim=1)  # (B, K, h, w)
         mu, ln_b = self.dvae.decoder(y_soft)  # (B, C, H, W) each
-        if cfg.pixel_likelihood == "logit-normal":  # the decoder's ln_b maps go unused
-            nll = logit_normal_nll(x_mapped, mu, cfg.logit_normal_sigma)
-        else:
-            nll = discretized_logit_laplace_nll(x01, mu, ln_b, cfg.logit_laplace_eps)
-        nll = nll.sum(dim=(1, 2, 3))  # (B,)
+        nll = self.dvae.pixel_nll(x01, mu, ln_b).sum(dim=(1, 2, 3))  # (B,)
         log_q = F.log_softmax(logits, dim=1)
         kl = (log_q.exp() * (log_q + math.log(cfg.image_vocab_size))).sum(dim=1)  # (B, h, w)
         loss = (nll + beta * kl.sum(dim=(1, 2))) / (C * H * W)
