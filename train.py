@@ -466,8 +466,8 @@ MODELS = {
                  {"main": dict(steps=1000, batch_size=128, lr=1e-3)}),
     "dalle": Spec("dalle", "DALLE", "discrete VAE, then a Transformer over text and image tokens "
                   "(Ramesh et al. 2021)",
-                  {"dvae": dict(steps=1500, batch_size=32, lr=2e-3),
-                   "transformer": dict(steps=800, batch_size=32, lr=1e-3)}),
+                  {"dvae": dict(steps=850, batch_size=32, lr=2e-3),
+                   "transformer": dict(steps=600, batch_size=32, lr=1e-3)}),
     "adm": Spec("guided", "ADM", "class-conditional ADM with classifier-free guidance "
                 "(Dhariwal & Nichol 2021; Ho & Salimans 2021)",
                 {"main": dict(steps=1500, batch_size=16, lr=1e-3)}),

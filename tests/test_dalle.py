@@ -90,6 +90,45 @@ def test_logit_laplace_is_the_density_of_a_squashed_laplace():
     torch.testing.assert_close(dalle.unmap_pixels(dalle.map_pixels(x01, 0.1), 0.1), x01)
 
 
+def test_logit_normal_is_the_density_of_a_squashed_normal():
+    # f(x | mu, sigma) = Normal(mu, sigma).pdf(logit x) / (x (1 - x)), and it integrates to 1 on (0, 1)
+    mu, sigma = torch.tensor(-0.4), 0.6
+    x = torch.tensor([0.05, 0.3, 0.5, 0.93])
+    expect = -(torch.distributions.Normal(mu, sigma).log_prob(torch.logit(x)) - torch.log(x * (1 - x)))
+    torch.testing.assert_close(dalle.logit_normal_nll(x, mu, sigma), expect)
+    grid = torch.linspace(1e-6, 1 - 1e-6, 200001, dtype=torch.float64)
+    pdf = torch.exp(-dalle.logit_normal_nll(grid, mu.double(), sigma).double())
+    assert abs(torch.trapezoid(pdf, grid).item() - 1) < 1e-3
+
+
+def test_tiny_pixel_likelihood_lets_a_minority_colour_through():
+    # Guards the failure that kept the tiny dVAE black. Where the codes do not yet pin a pixel, the
+    # decoder's best (mu, ln_b) is the likelihood's fit to the pixel's values over the data; on the
+    # shapes data most are black. Red in 1 of 4 images must pull the readout phi^-1(sigmoid(mu))
+    # off black, so the encoder is rewarded for saying where the red is. The logit-Laplace's
+    # location is a median and stays black: the tiny dVAE trained that way reconstructed black.
+    x01 = torch.zeros(4, 3, 1, 1)
+    x01[0, 0] = 1.0  # one red pixel among three black ones
+
+    def fitted_readout(cfg):
+        dvae = DALLE(cfg).dvae
+        mu = torch.zeros(1, 3, 1, 1, requires_grad=True)
+        ln_b = torch.zeros(1, 3, 1, 1, requires_grad=True)
+        opt = torch.optim.Adam([mu, ln_b], lr=0.05)
+        for _ in range(400):
+            nll = dvae.pixel_nll(x01, mu.expand(4, 3, 1, 1), ln_b.expand(4, 3, 1, 1)).mean()
+            opt.zero_grad()
+            nll.backward()
+            opt.step()
+        return dalle.unmap_pixels(torch.sigmoid(mu.detach()), cfg.logit_laplace_eps).flatten()  # (3,) in [0, 1]
+
+    small = dataclasses.replace(CFG, image_vocab_size=8, n_hid=4, n_init=4, d_model=8, n_layer=1, n_head=1)
+    red, green, blue = fitted_readout(dataclasses.replace(small, pixel_likelihood=PRESETS["tiny"].pixel_likelihood))
+    assert red > 0.1 and green < 0.01 and blue < 0.01
+    red_laplace = fitted_readout(dataclasses.replace(small, pixel_likelihood="logit-laplace"))[0]
+    assert red_laplace < 0.01  # the median: black
+
+
 def test_kl_to_the_uniform_prior(model):
     # KL(q || U(K)) is 0 for uniform q and ln K for one-hot q: check through dvae_loss's kl part
     K = CFG.image_vocab_size
