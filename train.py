@@ -454,7 +454,7 @@ MODELS = {
     "vae": Spec("vae", "VAE", "variational autoencoder (Kingma & Welling 2013)",
                 {"main": dict(steps=2000, batch_size=64, lr=1e-3)}),
     "ddpm": Spec("ddpm", "DDPM", "DDPM and Improved DDPM (Ho et al. 2020; Nichol & Dhariwal 2021)",
-                 {"main": dict(steps=1000, batch_size=32, lr=1e-3)}, preview=dict(steps=100)),
+                 {"main": dict(steps=800, batch_size=32, lr=1e-3)}, preview=dict(steps=100)),
     "vqvae": Spec("vqvae", "VQVAE", "VQ-VAE + Gated PixelCNN prior (van den Oord et al. 2017)",
                   {"vqvae": dict(steps=1600, batch_size=32, lr=2e-3),
                    "prior": dict(steps=1600, batch_size=32, lr=2e-3)}),

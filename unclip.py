@@ -44,6 +44,10 @@ Deviations from the paper, said openly
 - The AR prior's text encoder feeds the latent decoder as a prefix of its outputs (the paper:
   "encoding them as a prefix"); the paper's latent decoder context of 384 cannot hold its 256 text
   tokens plus 321 others, so the exact layout there is unknown.
+- The tiny preset's AR prior quantises into 32 buckets, not 1024: in 400 steps a 1024-way
+  softmax per token stays near uniform (loss 6.2 nats against ln 1024 = 6.9; test cosine of the
+  samples with the true z_i 0.55), while 32 buckets learn (0.88) and still round-trip the
+  embeddings at cosine 0.996. The paper preset keeps 1024.
 - The AR prior is also trained with the caption dropped 10% of the time (the paper says nothing of
   it), so that it can sample without a caption (`sample(n)` with no prompt).
 - Upsamplers: the blur is applied to every training input and never at sampling (the paper does
@@ -188,7 +192,7 @@ def _tiny():
         diffusion_prior=DiffusionPriorConfig(width=128, layers=4, heads=4, text_ctx=48, sample_steps=32,
                                              embed_std=1.0),
         ar_prior=ARPriorConfig(text_width=64, text_layers=2, text_heads=2, text_ctx=48, width=128, layers=4,
-                               heads=4, components=16),
+                               heads=4, components=16, buckets=32),
         decoder=DecoderConfig(unet=guided.ADMConfig(
             image_size=32, model_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(8,),
             num_head_channels=32, norm_groups=8, learn_sigma=True, cond_dim=64, text_ctx=48, xf_width=64,
