@@ -56,7 +56,8 @@ def test_vqvae2_all_phases_resume_and_sample(tmp_path, capsys):
     # interrupted after the first phase, resumed: the same weights as the uninterrupted run
     assert run_train("vqvae2", *SMALL["vqvae2"], "--steps", 4, "--out", b, "--phase",
                      "vqvae") == 0
-    assert run_train("vqvae2", "--steps", 4, "--out", b, "--resume") == 0
+    # --batch-size given with --phase applied to that phase only: give it again for the rest
+    assert run_train("vqvae2", "--steps", 4, "--batch-size", 8, "--out", b, "--resume") == 0
     for phase in vqvae2.VQVAE2.phases:
         ca = torch.load(a / f"ckpt_{phase}.pt", weights_only=True)
         cb = torch.load(b / f"ckpt_{phase}.pt", weights_only=True)
