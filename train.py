@@ -441,9 +441,10 @@ class Spec:
     # per phase (in the model's order): default steps, batch_size, lr of a CPU-sized run
     phases: dict = field(default_factory=dict)
     presets: str = "PRESETS"  # the presets dict in the model file (one file may hold several models)
-    # keywords of model.sample for the samples.png written after training: a quick look, so that
-    # the default run is not dominated by a full-length sampler (sample.py uses the model's own)
-    preview: dict = field(default_factory=dict)
+    # config -> keywords of model.sample for the samples.png written after training: a quick
+    # look, so that the default run is not dominated by a full-length sampler (sample.py uses the
+    # model's own defaults)
+    preview: object = None
 
 
 MODELS = {
@@ -454,7 +455,7 @@ MODELS = {
     "vae": Spec("vae", "VAE", "variational autoencoder (Kingma & Welling 2013)",
                 {"main": dict(steps=2000, batch_size=64, lr=1e-3)}),
     "ddpm": Spec("ddpm", "DDPM", "DDPM and Improved DDPM (Ho et al. 2020; Nichol & Dhariwal 2021)",
-                 {"main": dict(steps=800, batch_size=32, lr=1e-3)}, preview=dict(steps=100)),
+                 {"main": dict(steps=800, batch_size=32, lr=1e-3)}, preview=lambda c: dict(steps=min(100, c.T))),
     "vqvae": Spec("vqvae", "VQVAE", "VQ-VAE + Gated PixelCNN prior (van den Oord et al. 2017)",
                   {"vqvae": dict(steps=1600, batch_size=32, lr=2e-3),
                    "prior": dict(steps=1600, batch_size=32, lr=2e-3)}),
@@ -988,7 +989,8 @@ def run_training(args, overrides):
             train_phase(model, name, phase, run, config, hp, datasets, device, d, args)
         finished = all((run / ckpt_name(model, ph)).exists() for ph in phases)
         if d.rank == 0 and finished and args.sample_n > 0:
-            write_samples(model, run, datasets["test"], device, args, config, MODELS[name].preview)
+            preview = MODELS[name].preview
+            write_samples(model, run, datasets["test"], device, args, config, preview and preview(config))
         return 0
     finally:
         if d.on:
