@@ -444,7 +444,7 @@ class Spec:
     # config -> keywords of model.sample for the samples.png written after training: a quick
     # look, so that the default run is not dominated by a full-length sampler (sample.py uses the
     # model's own defaults)
-    preview: object = None
+    preview: typing.Callable[[object], dict] = lambda config: {}
 
 
 MODELS = {
@@ -989,8 +989,7 @@ def run_training(args, overrides):
             train_phase(model, name, phase, run, config, hp, datasets, device, d, args)
         finished = all((run / ckpt_name(model, ph)).exists() for ph in phases)
         if d.rank == 0 and finished and args.sample_n > 0:
-            preview = MODELS[name].preview
-            write_samples(model, run, datasets["test"], device, args, config, preview and preview(config))
+            write_samples(model, run, datasets["test"], device, args, config, MODELS[name].preview(config))
         return 0
     finally:
         if d.on:
@@ -998,7 +997,7 @@ def run_training(args, overrides):
 
 
 @torch.no_grad()
-def write_samples(model, run, test_set, device, args, config, preview=None):
+def write_samples(model, run, test_set, device, args, config, preview):
     """samples.png for generative models (model.sample(n, **preview)); reconstructions.png for
     autoencoders that cannot sample."""
     model.eval()
@@ -1007,9 +1006,9 @@ def write_samples(model, run, test_set, device, args, config, preview=None):
     if hasattr(model, "sample"):
         try:
             with autocast(device, args.precision):
-                images = model.sample(args.sample_n, **(preview or {}))
+                images = model.sample(args.sample_n, **preview)
             save_grid(images, run / "samples.png")
-            how = "".join(f", {k} {v}" for k, v in (preview or {}).items())
+            how = "".join(f", {k} {v}" for k, v in preview.items())
             log(f"wrote {run / 'samples.png'} ({args.sample_n} samples{how} in {time.time() - t0:.1f}s)")
             return
         except NotImplementedError:

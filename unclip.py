@@ -228,6 +228,12 @@ def make_diffusion(schedule, T, **kw):
         return ddpm.GaussianDiffusion(ddpm.make_beta_schedule(schedule, T), **kw)
 
 
+def check_prediction(prediction, part):
+    """The decoder and upsamplers predict eps (the paper) or v; ddpm's x_0 is not offered."""
+    if prediction not in ("eps", "v"):
+        raise ValueError(f"unclip: unknown {part} prediction {prediction!r}; use 'eps' or 'v'")
+
+
 def resize(x, size):
     """(B, C, H, W) -> (B, C, size, size); antialiased when shrinking."""
     if x.shape[-1] == size and x.shape[-2] == size:
@@ -515,8 +521,7 @@ class Decoder(nn.Module):
         if u.cond_dim != embed_dim:
             raise ValueError(f"unclip: decoder.unet.cond_dim is {u.cond_dim} but the CLIP embedding has "
                              f"{embed_dim} dimensions; set --decoder.unet.cond-dim {embed_dim}")
-        if cfg.prediction not in ("eps", "v"):
-            raise ValueError(f"unclip: unknown decoder prediction {cfg.prediction!r}; use 'eps' or 'v'")
+        check_prediction(cfg.prediction, "decoder")
         width = u.context_dim or u.xf_width
         if width <= 0 or cfg.context_tokens <= 0:
             raise ValueError("unclip: the decoder needs context tokens: set decoder.context_tokens > 0 and "
@@ -630,8 +635,7 @@ class Upsampler(nn.Module):
         if u.attention_resolutions or u.xf_width or u.cond_dim:
             raise ValueError("unclip: the upsamplers are convolution-only and unconditional (appendix C): "
                              "set attention_resolutions to (), xf_width and cond_dim to 0")
-        if cfg.prediction not in ("eps", "v"):
-            raise ValueError(f"unclip: unknown upsampler prediction {cfg.prediction!r}; use 'eps' or 'v'")
+        check_prediction(cfg.prediction, "upsampler")
         if cfg.degradation not in ("blur", "bsr"):
             raise ValueError(f"unclip: unknown degradation {cfg.degradation!r}; use 'blur' or 'bsr'")
         self.cfg = cfg
