@@ -16,3 +16,18 @@ def error_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
+
+
+def overfit_losses(loss_fn, params, steps, lr):
+    """Adam on one fixed objective for `steps` steps; loss_fn() -> scalar tensor. Returns the loss
+    of every step (each measured before that step's update)."""
+    import torch
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import vqvae
+from conftest import overfit_losses
 
 TINY = dataclasses.replace(
     vqvae.PRESETS["tiny"], image_size=16, hidden=16, res_hidden=8, num_res_blocks=1,
@@ -235,15 +236,7 @@ def test_loss_falls_when_overfitting_one_batch(phase):
     torch.manual_seed(0)
     model = vqvae.VQVAE(TINY)
     b = batch(B=8)
-    module = model.phase_module(phase)
-    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(40):
-        loss = model.loss(b, phase)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = overfit_losses(lambda: model.loss(b, phase)["loss"], model.phase_module(phase).parameters(), 40, 1e-2)
     assert losses[-1] < 0.7 * losses[0]
 
 
