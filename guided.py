@@ -778,7 +778,7 @@ class ADM(nn.Module):
 
     @torch.no_grad()
     def sample(self, n, label=None, prompt=None, guidance_scale=1.0, classifier=None, classifier_scale=1.0,
-               steps=50, eta=None, low_res=None, noise=None, progress=True):
+               steps=50, eta=None, low_res=None, noise=None, progress=None):
         """n samples (n, C, S, S) in [-1, 1].
 
         guidance_scale s: classifier-free guidance (1: the conditional model, 0: unconditional;
@@ -786,8 +786,11 @@ class ADM(nn.Module):
             toward `label` (random classes when None) scaled by classifier_scale guides sampling
             (ADM alg. 1, or alg. 2 when eta is given). steps: respaced sampling steps (None: all
             T; 50 by default, enough with learned variances, Improved DDPM section 4); eta: None
-            for ancestral sampling, a number for DDIM.
+            for ancestral sampling, a number for DDIM. progress: a step counter on stderr; by
+            default only when stderr is a terminal.
         """
+        if progress is None:
+            progress = sys.stderr.isatty()
         c, dev = self.config, _model_device(self)
         if classifier is not None and label is None and not c.num_classes:
             raise ValueError("classifier guidance needs a target class: pass --label")
@@ -851,7 +854,7 @@ class GLIDE(nn.Module):
         return self.upsample.loss(batch)
 
     @torch.no_grad()
-    def sample(self, n, prompt=None, guidance_scale=3.0, steps=50, eta=None, progress=True):
+    def sample(self, n, prompt=None, guidance_scale=3.0, steps=50, eta=None, progress=None):
         """n images (n, C, S, S): base samples with guidance, then upsampled (prompt None: the
         empty caption, i.e. unconditional samples)."""
         if prompt is None:
