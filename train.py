@@ -471,13 +471,13 @@ MODELS = {
                    "transformer": dict(steps=600, batch_size=32, lr=1e-3)}),
     "adm": Spec("guided", "ADM", "class-conditional ADM with classifier-free guidance "
                 "(Dhariwal & Nichol 2021; Ho & Salimans 2021)",
-                {"main": dict(steps=1500, batch_size=16, lr=1e-3)}),
+                {"main": dict(steps=1300, batch_size=16, lr=1e-3)}),
     "classifier": Spec("guided", "NoisyClassifier", "noisy classifier for classifier guidance "
                        "(Dhariwal & Nichol 2021)",
                        {"main": dict(steps=1500, batch_size=32, lr=1e-3)}, "CLASSIFIER_PRESETS"),
     "glide": Spec("guided", "GLIDE", "text-to-image base model and upsampler (Nichol et al. 2021)",
-                  {"base": dict(steps=1000, batch_size=32, lr=1e-3),
-                   "upsample": dict(steps=400, batch_size=16, lr=1e-3)}, "GLIDE_PRESETS"),
+                  {"base": dict(steps=800, batch_size=32, lr=1e-3),
+                   "upsample": dict(steps=300, batch_size=16, lr=1e-3)}, "GLIDE_PRESETS"),
     "unclip": Spec("unclip", "UnCLIP", "unCLIP / DALL-E 2: CLIP, prior, decoder, upsamplers "
                    "(Ramesh et al. 2022); --prior diffusion|ar",
                    {"clip": dict(steps=1000, batch_size=128, lr=1e-3),
