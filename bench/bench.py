@@ -221,7 +221,7 @@ def cases_for(args):
                     case = dict(impl=impl, preset=preset, precision=prec, mode=mode, batch=B,
                                 device=args.device, warmup=args.warmup or (5 if cuda else 1),
                                 steps=args.steps or (20 if cuda else 3))
-                        # sampling figures for the ddpm-cifar10 rows only: the DDIM target
+                    # sampling figures for the ddpm-cifar10 rows only: the DDIM target
                     if preset == "ddpm-cifar10":
                         case.update(sample_n=64 if cuda else 4, sample_steps=25,
                                     sample_reps=3 if cuda else 1)
