@@ -201,6 +201,17 @@ def test_decoder_guidance_identities():
     assert not torch.allclose(cond, uncond)
 
 
+def test_decoder_feeds_z_i_at_unit_variance(monkeypatch):
+    """The unit-norm z_i reaches the UNet's cond and the context projection as sqrt(D) z_i."""
+    dec = unclip.Decoder(tiny_config().decoder, D)
+    seen = {}
+    monkeypatch.setattr(dec.unet, "forward", lambda x_t, t, cond=None, context=None, **kw: seen.update(cond=cond))
+    z = torch.nn.functional.normalize(torch.randn(4, D), dim=-1)
+    dec(torch.randn(4, 3, 16, 16), torch.tensor([1, 2, 3, 4]), z)
+    torch.testing.assert_close(seen["cond"], z * math.sqrt(D))
+    assert abs(seen["cond"].pow(2).mean().item() - 1.0) < 1e-5  # unit variance per coordinate
+
+
 def test_upsamplers_are_convolutional_and_degrade():
     torch.manual_seed(0)
     cfg = tiny_config()
