@@ -1,6 +1,7 @@
 """How often guided samples show the requested shapes class: judged by the trained noisy classifier
 at t = 0 and by train.judge_shapes (shape and colour read from the pixels)."""
 import argparse, json, sys, time
+from pathlib import Path
 import torch
 sys.path.insert(0, ".")
 import sample, train
@@ -41,4 +42,5 @@ for s in a.settings.split(","):
              judge_shape=shp, seconds=round(time.time() - t0))
     results[s] = r
     print(s, json.dumps(r), flush=True)
-    train.save_grid(x, f"guided_eval_{s}.png", nrow=K)
+    run = Path(a.adm) if Path(a.adm).is_dir() else Path(a.adm).parent  # the grids go beside the adm run
+    train.save_grid(x, run / f"guided_eval_{s}.png", nrow=K)
