@@ -16,6 +16,7 @@ model, info = sample.load_model(a.adm, ema=not a.no_ema)
 clf, cinfo = sample.load_model(a.classifier)
 print(f"adm step {info['step']}, classifier step {cinfo['step']}", flush=True)
 K = model.config.num_classes
+out_dir = Path(a.adm) if Path(a.adm).is_dir() else Path(a.adm).parent  # the grids go beside the adm run
 labels = torch.arange(a.n) % K
 colors = list(train.COLORS)
 results = {}
@@ -42,5 +43,4 @@ for s in a.settings.split(","):
              judge_shape=shp, seconds=round(time.time() - t0))
     results[s] = r
     print(s, json.dumps(r), flush=True)
-    run = Path(a.adm) if Path(a.adm).is_dir() else Path(a.adm).parent  # the grids go beside the adm run
-    train.save_grid(x, run / f"guided_eval_{s}.png", nrow=K)
+    train.save_grid(x, out_dir / f"guided_eval_{s}.png", nrow=K)
