@@ -445,6 +445,10 @@ class Spec:
     # look, so that the default run is not dominated by a full-length sampler (sample.py uses the
     # model's own defaults)
     preview: typing.Callable[[object], dict] = lambda config: {}
+    sample_n: int = 64  # images in samples.png (--sample-n overrides)
+    # text-to-image: samples.png draws the first test captions (listed in samples.txt), not the
+    # empty caption
+    prompted: bool = False
 
 
 MODELS = {
@@ -484,7 +488,7 @@ MODELS = {
                     "prior": dict(steps=400, batch_size=32, lr=1e-3),
                     "decoder": dict(steps=1700, batch_size=16, lr=1e-3, lr_schedule="cosine"),
                     "upsampler1": dict(steps=400, batch_size=32, lr=1e-3),
-                    "upsampler2": dict(steps=300, batch_size=32, lr=1e-3)}),
+                    "upsampler2": dict(steps=300, batch_size=32, lr=1e-3)}, sample_n=25, prompted=True),
 }
 
 
@@ -587,7 +591,8 @@ def build_parser(name=None):
     g.add_argument("--phase", "--part", default=None, help="train only this phase (part)")
     g.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
     g.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
-    g.add_argument("--sample-n", type=int, default=64, help="images in samples.png at the end")
+    g.add_argument("--sample-n", type=int, default=None,
+                   help="images in samples.png at the end (default 64; 25 for unclip)")
     g.add_argument("--workers", type=int, default=None, help="data loader workers (0 CPU, 4 CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training step")
     if name in MODELS:
@@ -988,8 +993,11 @@ def run_training(args, overrides):
             torch.manual_seed(hp["seed"] * 1000 + d.rank + 17 * i)
             train_phase(model, name, phase, run, config, hp, datasets, device, d, args)
         finished = all((run / ckpt_name(model, ph)).exists() for ph in phases)
-        if d.rank == 0 and finished and args.sample_n > 0:
-            write_samples(model, run, datasets["test"], device, args, config, MODELS[name].preview(config))
+        spec = MODELS[name]
+        n = spec.sample_n if args.sample_n is None else args.sample_n
+        if d.rank == 0 and finished and n > 0:
+            write_samples(model, run, datasets["test"], device, args, config, spec.preview(config), n,
+                          spec.prompted)
         return 0
     finally:
         if d.on:
@@ -997,19 +1005,26 @@ def run_training(args, overrides):
 
 
 @torch.no_grad()
-def write_samples(model, run, test_set, device, args, config, preview):
+def write_samples(model, run, test_set, device, args, config, preview, n, prompted=False):
     """samples.png for generative models (model.sample(n, **preview)); reconstructions.png for
-    autoencoders that cannot sample."""
+    autoencoders that cannot sample. `prompted`: draw the first n test captions (when the data has
+    captions) and list them, in grid order, in samples.txt."""
     model.eval()
     torch.manual_seed(0)
     t0 = time.time()
     if hasattr(model, "sample"):
+        captions = [test_set[i]["caption"] for i in range(min(n, len(test_set)))] if prompted else []
+        if captions and all(captions):
+            preview = {**preview, "prompt": (captions * n)[:n]}
         try:
             with autocast(device, args.precision):
-                images = model.sample(args.sample_n, **preview)
+                images = model.sample(n, **preview)
             save_grid(images, run / "samples.png")
-            how = "".join(f", {k} {v}" for k, v in preview.items())
-            log(f"wrote {run / 'samples.png'} ({args.sample_n} samples{how} in {time.time() - t0:.1f}s)")
+            if "prompt" in preview:
+                (run / "samples.txt").write_text("".join(c + "\n" for c in preview["prompt"]))
+            how = "".join(f", {k} {v}" for k, v in preview.items() if k != "prompt")
+            how += ", the first test captions (samples.txt)" if "prompt" in preview else ""
+            log(f"wrote {run / 'samples.png'} ({n} samples{how} in {time.time() - t0:.1f}s)")
             return
         except NotImplementedError:
             pass

@@ -313,7 +313,9 @@ def test_cli_trains_every_part_and_samples(tmp_path, capsys):
     assert train.main(["unclip", "--out", str(run), "--resume", "--steps", "2", "--batch-size", "4"]) == 0
     for phase in unclip.UnCLIP.phases:
         assert (run / f"ckpt_{phase}.pt").exists()
-    assert (run / "samples.png").exists()
+    # the preview draws 25 samples of the test captions (16 here, so they repeat), listed beside it
+    captions = [train.ShapesDataset(16, 128, split="test")[i]["caption"] for i in range(16)]
+    assert (run / "samples.txt").read_text().splitlines() == (captions * 2)[:25]
     out = tmp_path / "s.png"
     assert sample.main([str(run), "-n", "2", "--prompt", "a large red circle at the top left",
                         "--steps", "2", "--out", str(out)]) == 0 and out.exists()
