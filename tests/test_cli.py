@@ -155,7 +155,10 @@ def test_ctrl_c_saves_and_resumes(tmp_path):
     run = tmp_path / "r"
     cmd = [sys.executable, "train.py", "vae", *SMALL, "--steps", "100000", "--out", str(run),
            "--save-every", "100000"]
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a shell's background job (e.g. the suite run with
+    # `&`) passes SIGINT on ignored, and Python then never raises KeyboardInterrupt
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300  # generous: a loaded machine starts torch slowly
     while not (run / "log.jsonl").exists() and time.time() < deadline:
         time.sleep(0.2)
