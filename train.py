@@ -1021,7 +1021,9 @@ def write_samples(model, run, test_set, device, args, config, preview, n, prompt
                 images = model.sample(n, **preview)
             save_grid(images, run / "samples.png")
             if "prompt" in preview:
-                (run / "samples.txt").write_text("".join(c + "\n" for c in preview["prompt"]))
+                tmp = run / "samples.txt.tmp"
+                tmp.write_text("".join(c + "\n" for c in preview["prompt"]))
+                os.replace(tmp, run / "samples.txt")
             how = "".join(f", {k} {v}" for k, v in preview.items() if k != "prompt")
             how += ", the first test captions (samples.txt)" if "prompt" in preview else ""
             log(f"wrote {run / 'samples.png'} ({n} samples{how} in {time.time() - t0:.1f}s)")
