@@ -425,10 +425,7 @@ def save_grid(images, path, nrow=None, pad=2):
         r, c = divmod(i, nrow)
         grid[:, pad + r * (H + pad):pad + r * (H + pad) + H,
              pad + c * (W + pad):pad + c * (W + pad) + W] = x[i]
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG"))
 
 
 # --- the model registry ---
@@ -679,11 +676,17 @@ class Objective(nn.Module):
         return self.model.loss(batch, self.phase)
 
 
-def save_atomic(obj, path):
+def write_atomic(path, write):
+    """write(tmp) fills a temporary file beside `path`, which then replaces `path` in one rename:
+    an interrupted write never leaves a half-written file or loses the old one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def save_atomic(obj, path):
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def log(msg, rank=0):
@@ -978,9 +981,7 @@ def run_training(args, overrides):
             if not existing:
                 info = {"format": FORMAT_VERSION, "model": name, "preset": args.preset,
                         "config": dataclasses.asdict(config), "hparams": hparams}
-                tmp = run / "run.json.tmp"
-                tmp.write_text(json.dumps(info, indent=1))
-                os.replace(tmp, run / "run.json")
+                write_atomic(run / "run.json", lambda tmp: tmp.write_text(json.dumps(info, indent=1)))
         if d.on:
             dist.barrier()
         todo = [args.phase] if args.phase else list(phases)
@@ -1021,9 +1022,8 @@ def write_samples(model, run, test_set, device, args, config, preview, n, prompt
                 images = model.sample(n, **preview)
             save_grid(images, run / "samples.png")
             if "prompt" in preview:
-                tmp = run / "samples.txt.tmp"
-                tmp.write_text("".join(c + "\n" for c in preview["prompt"]))
-                os.replace(tmp, run / "samples.txt")
+                text = "".join(c + "\n" for c in preview["prompt"])
+                write_atomic(run / "samples.txt", lambda tmp: tmp.write_text(text))
             how = "".join(f", {k} {v}" for k, v in preview.items() if k != "prompt")
             how += ", the first test captions (samples.txt)" if "prompt" in preview else ""
             log(f"wrote {run / 'samples.png'} ({n} samples{how} in {time.time() - t0:.1f}s)")
