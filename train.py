@@ -79,14 +79,16 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     Item i is a pure function of (seed, split, i), so the set has any size, needs no files, and
     train and test splits never share a stream. Each item is a dict: `image` (3, S, S) in [-1, 1],
-    `caption` ("a large red circle at the top left") and `label` (shape x color, 18 classes).
+    `caption` ("a large red circle at the top left") and `label` (shape x color, 18 classes), and
+    `image_{s}` (3, s, s) for each side s in `extra_sizes`: the same shape drawn at side s.
     """
     num_classes = len(SHAPES) * len(COLORS)
 
-    def __init__(self, n, image_size=32, seed=0, split="train"):
+    def __init__(self, n, image_size=32, seed=0, split="train", extra_sizes=()):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', not {split!r}")
         self.n, self.image_size, self.seed, self.split = n, image_size, seed, split
+        self.extra_sizes = tuple(extra_sizes)
 
     def __len__(self):
         return self.n
@@ -115,9 +117,14 @@ class ShapesDataset(torch.utils.data.Dataset):
         a = self.attributes(i)
         img = draw_shape(self.image_size, a["shape"], a["color"], a["half"], a["cx"], a["cy"])
         label = SHAPES.index(a["shape"]) * len(COLORS) + list(COLORS).index(a["color"])
-        return {"image": pil_to_tensor(img),
+        item = {"image": pil_to_tensor(img),
                 "caption": shape_caption(a["shape"], a["color"], a["size"], a["position"]),
                 "label": label}
+        for s in self.extra_sizes:  # the same shape drawn natively at side s: hard edges, not a shrunk copy
+            r = s / self.image_size
+            item[f"image_{s}"] = pil_to_tensor(draw_shape(s, a["shape"], a["color"], a["half"] * r,
+                                                          a["cx"] * r, a["cy"] * r))
+        return item
 
 
 def pil_to_tensor(img):
@@ -231,7 +238,7 @@ class FolderDataset(torch.utils.data.Dataset):
     """
     num_classes = 0
 
-    def __init__(self, root, image_size, split="train"):
+    def __init__(self, root, image_size, split="train", extra_sizes=()):
         root = Path(root)
         if not root.is_dir():
             raise UsageError(f"--data folder:{root}: no such folder; give a folder of images")
@@ -251,7 +258,7 @@ class FolderDataset(torch.utils.data.Dataset):
                              f"({', '.join(sorted(IMAGE_EXTENSIONS))}) found")
         if len(good) >= 20:
             good = [p for i, p in enumerate(good) if (i % 20 == 19) == (split == "test")]
-        self.files, self.image_size = good, image_size
+        self.files, self.image_size, self.extra_sizes = good, image_size, tuple(extra_sizes)
 
     def __len__(self):
         return len(self.files)
@@ -262,6 +269,7 @@ class FolderDataset(torch.utils.data.Dataset):
             try:
                 with Image.open(p) as im:
                     img = center_crop_resize(im, self.image_size)
+                    extra = {f"image_{s}": pil_to_tensor(center_crop_resize(im, s)) for s in self.extra_sizes}
                 break
             except Exception:
                 if j == 0:
@@ -270,7 +278,7 @@ class FolderDataset(torch.utils.data.Dataset):
             raise RuntimeError("no image in the folder can be read any more")
         txt = p.with_suffix(".txt")
         caption = txt.read_text(errors="replace").strip() if txt.exists() else ""
-        return {"image": pil_to_tensor(img), "caption": caption, "label": -1}
+        return {"image": pil_to_tensor(img), "caption": caption, "label": -1, **extra}
 
 
 def _read_idx(path):
@@ -288,23 +296,27 @@ def _read_idx(path):
 class ArrayDataset(torch.utils.data.Dataset):
     """uint8 images (N, H, W, C) with integer labels and a caption template, resized on the fly."""
 
-    def __init__(self, images, labels, image_size, caption_fn, num_classes):
+    def __init__(self, images, labels, image_size, caption_fn, num_classes, extra_sizes=()):
         self.images, self.labels = images, labels
         self.image_size, self.caption_fn, self.num_classes = image_size, caption_fn, num_classes
+        self.extra_sizes = tuple(extra_sizes)
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
         a = self.images[i]
-        img = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB")
-        if img.size != (self.image_size, self.image_size):
-            img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
+        src = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB")
+
+        def at(s):
+            return pil_to_tensor(src if src.size == (s, s) else src.resize((s, s), Image.BICUBIC))
+
         y = int(self.labels[i])
-        return {"image": pil_to_tensor(img), "caption": self.caption_fn(y), "label": y}
+        return {"image": at(self.image_size), "caption": self.caption_fn(y), "label": y,
+                **{f"image_{s}": at(s) for s in self.extra_sizes}}
 
 
-def mnist_dataset(root, image_size, split):
+def mnist_dataset(root, image_size, split, extra_sizes=()):
     root = Path(root)
     prefix = "train" if split == "train" else "t10k"
 
@@ -317,14 +329,14 @@ def mnist_dataset(root, image_size, split):
                          "download MNIST's four files (gzipped or not) into that folder")
 
     images, labels = _read_idx(find("images")), _read_idx(find("labels"))
-    return ArrayDataset(images[..., None], labels, image_size, lambda y: f"the digit {y}", 10)
+    return ArrayDataset(images[..., None], labels, image_size, lambda y: f"the digit {y}", 10, extra_sizes)
 
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
 
 
-def cifar10_dataset(root, image_size, split):
+def cifar10_dataset(root, image_size, split, extra_sizes=()):
     root = Path(root)
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
@@ -344,14 +356,16 @@ def cifar10_dataset(root, image_size, split):
         name = CIFAR10_CLASSES[y]
         return f"a photo of an {name}" if name[0] in "aeiou" else f"a photo of a {name}"
 
-    return ArrayDataset(np.concatenate(xs), np.array(ys), image_size, caption, 10)
+    return ArrayDataset(np.concatenate(xs), np.array(ys), image_size, caption, 10, extra_sizes)
 
 
 SHAPES_TRAIN, SHAPES_TEST = 50_000, 2_000
 
 
-def make_dataset(spec, split, image_size, seed=0):
-    """Data spec -> data set. Specs: shapes[:N] (the default), folder:PATH, mnist:PATH, cifar10:PATH."""
+def make_dataset(spec, split, image_size, seed=0, extra_sizes=()):
+    """Data spec -> data set. Specs: shapes[:N] (the default), folder:PATH, mnist:PATH, cifar10:PATH.
+    Each item also holds `image_{s}` for each side s in extra_sizes, made from the source (shapes:
+    drawn at that side), not by shrinking `image`."""
     kind, _, arg = spec.partition(":")
     if kind == "shapes":
         n = SHAPES_TEST if split == "test" else SHAPES_TRAIN
@@ -360,15 +374,15 @@ def make_dataset(spec, split, image_size, seed=0):
                 n = int(arg) if split == "train" else min(SHAPES_TEST, int(arg))
             except ValueError:
                 raise UsageError(f"--data {spec}: shapes takes a number of images, e.g. shapes:10000")
-        return ShapesDataset(n, image_size, seed=seed, split=split)
+        return ShapesDataset(n, image_size, seed=seed, split=split, extra_sizes=extra_sizes)
     if not arg and kind in ("folder", "mnist", "cifar10"):
         raise UsageError(f"--data {spec}: give a path, e.g. --data {kind}:/path/to/data")
     if kind == "folder":
-        return FolderDataset(arg, image_size, split)
+        return FolderDataset(arg, image_size, split, extra_sizes)
     if kind == "mnist":
-        return mnist_dataset(arg, image_size, split)
+        return mnist_dataset(arg, image_size, split, extra_sizes)
     if kind == "cifar10":
-        return cifar10_dataset(arg, image_size, split)
+        return cifar10_dataset(arg, image_size, split, extra_sizes)
     raise UsageError(f"--data {spec}: unknown data set; use shapes, folder:PATH, mnist:PATH "
                      "or cifar10:PATH")
 
@@ -404,12 +418,13 @@ class StepBatches(torch.utils.data.Sampler):
 
 
 def to_device(batch, device, in_channels=3):
-    """Collated batch -> device; grayscale models get the channel mean."""
-    x = batch["image"].to(device, non_blocking=True)
-    if in_channels == 1 and x.shape[1] == 3:
-        x = x.mean(1, keepdim=True)
-    return {"image": x, "label": batch["label"].to(device, non_blocking=True),
-            "caption": list(batch["caption"])}
+    """Collated batch -> device; grayscale models get the channel mean (of every image_* too)."""
+    def image(x):
+        x = x.to(device, non_blocking=True)
+        return x.mean(1, keepdim=True) if in_channels == 1 and x.shape[1] == 3 else x
+
+    return {"label": batch["label"].to(device, non_blocking=True), "caption": list(batch["caption"]),
+            **{k: image(v) for k, v in batch.items() if k == "image" or k.startswith("image_")}}
 
 
 def save_grid(images, path, nrow=None, pad=2):
@@ -957,7 +972,8 @@ def run_training(args, overrides):
                                  f"{d.world} processes")
         data_spec = next(iter(hparams.values()))["data"]
         image_size = getattr(config, "image_size", 32)
-        datasets = {s: make_dataset(data_spec, s, image_size) for s in ("train", "test")}
+        extra = getattr(model_class(name), "extra_image_sizes", lambda c: ())(config)
+        datasets = {s: make_dataset(data_spec, s, image_size, extra_sizes=extra) for s in ("train", "test")}
         if not existing and getattr(config, "num_classes", 0) and "num_classes" not in overrides:
             n_cls = getattr(datasets["train"], "num_classes", 0)
             if n_cls == 0:

@@ -33,6 +33,39 @@ def test_shapes_pixels_are_black_or_the_pure_colour():
         assert colours == {(0, 0, 0), train.COLORS[a["color"]]}
 
 
+def test_shapes_extra_sizes_draw_the_same_shape_natively():
+    big, both = ShapesDataset(20, 128), ShapesDataset(20, 128, extra_sizes=(32,))
+    for i in range(20):
+        item = both[i]
+        assert torch.equal(item["image"], big[i]["image"])  # asking for more leaves `image` alone
+        x = item["image_32"]
+        assert x.shape == (3, 32, 32)
+        a = train.parse_caption(item["caption"])
+        px = ((x + 1) * 127.5).round().long().reshape(3, -1).T  # hard edges: no antialiased greys
+        assert {tuple(p.tolist()) for p in px} == {(0, 0, 0), train.COLORS[a["color"]]}
+        mask_big, mask = (item["image"].max(0).values > 0), (x.max(0).values > 0)
+        ys, xs = mask_big.nonzero(as_tuple=True)
+        ys32, xs32 = mask.nonzero(as_tuple=True)
+        for v, v32 in ((ys, ys32), (xs, xs32)):  # the same box, a quarter the size, within a pixel
+            assert abs(v.min() / 4 - v32.min()) <= 1 and abs((v.max() + 1) / 4 - (v32.max() + 1)) <= 1
+
+
+def test_to_device_carries_every_rendering():
+    b = torch.utils.data.default_collate([ShapesDataset(4, 64, extra_sizes=(32,))[i] for i in range(2)])
+    out = train.to_device(b, "cpu", in_channels=1)  # grayscale models get the channel mean of each
+    assert out["image"].shape == (2, 1, 64, 64) and out["image_32"].shape == (2, 1, 32, 32)
+    assert torch.equal(out["image_32"], b["image_32"].mean(1, keepdim=True))
+    assert out["caption"] == list(b["caption"]) and torch.equal(out["label"], b["label"])
+
+
+def test_folder_and_array_extra_sizes(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    item = train.make_dataset(f"folder:{tmp_path}", "train", 32, extra_sizes=(16,))[0]
+    assert item["image"].shape == (3, 32, 32) and item["image_16"].shape == (3, 16, 16)
+    arr = train.ArrayDataset(np.zeros((2, 28, 28, 1), np.uint8), np.array([0, 1]), 32, str, 2, extra_sizes=(28,))
+    assert arr[1]["image"].shape == (3, 32, 32) and arr[1]["image_28"].shape == (3, 28, 28)
+
+
 def test_captions_and_labels_follow_the_factors():
     ds = ShapesDataset(300, 32, seed=0)
     seen = set()

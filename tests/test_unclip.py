@@ -260,6 +260,27 @@ def test_unclip_phases_losses_and_sampling():
         assert set(ev) >= {"clip_retrieval_top1", "prior_cosine"}
 
 
+def test_decoder_trains_on_the_data_sets_own_rendering():
+    model = unclip.UnCLIP(tiny_config())
+    S = model.cfg.decoder.unet.image_size
+    assert unclip.UnCLIP.extra_image_sizes(model.cfg) == (S,)
+    ds = train.ShapesDataset(4, model.cfg.image_size, extra_sizes=(S,))
+    b = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    b["caption"] = list(b["caption"])
+    z_i = model.embed_image(b["image"])
+
+    def loss(batch=None, x_0=None):
+        torch.manual_seed(0)
+        if batch is not None:
+            return model.loss(batch, "decoder")["loss"]
+        return model.decoder.loss(x_0, z_i, b["caption"])["loss"]
+
+    assert torch.equal(loss(b), loss(x_0=b[f"image_{S}"]))  # the native rendering is the target
+    shrunk = {k: v for k, v in b.items() if k != f"image_{S}"}  # without it: `image` shrunk
+    assert torch.equal(loss(shrunk), loss(x_0=unclip.resize(b["image"], S)))
+    assert not torch.equal(loss(b), loss(shrunk))
+
+
 def test_bad_configs_are_reported():
     with pytest.raises(ValueError, match="prior"):
         unclip.UnCLIP(tiny_config(prior="gan"))
