@@ -786,6 +786,10 @@ def train_phase(model, name, phase, run, cfg, hp, datasets, device, d, args):
         return
     per_rank = hp["batch_size"] // d.world
     train_set = datasets["train"]
+    extra = getattr(model, "extra_image_sizes", lambda c, p: ())(cfg, phase)
+    if extra:  # this phase also wants each image made at these sides (batch keys image_{S})
+        train_set = copy.copy(train_set)
+        train_set.extra_sizes = tuple(extra)
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
 
     def loader(start, total):
@@ -972,8 +976,7 @@ def run_training(args, overrides):
                                  f"{d.world} processes")
         data_spec = next(iter(hparams.values()))["data"]
         image_size = getattr(config, "image_size", 32)
-        extra = getattr(model_class(name), "extra_image_sizes", lambda c: ())(config)
-        datasets = {s: make_dataset(data_spec, s, image_size, extra_sizes=extra) for s in ("train", "test")}
+        datasets = {s: make_dataset(data_spec, s, image_size) for s in ("train", "test")}
         if not existing and getattr(config, "num_classes", 0) and "num_classes" not in overrides:
             n_cls = getattr(datasets["train"], "num_classes", 0)
             if n_cls == 0:

@@ -721,12 +721,13 @@ class UnCLIP(nn.Module):
         self.upsampler2 = Upsampler(cfg.upsampler2)
 
     @staticmethod
-    def extra_image_sizes(cfg):
-        """Sides at which train.py's data sets also provide each image (batch key `image_{S}`): the
-        decoder's. Its training targets are then made from the source at the decoder's side (for the
-        shapes: drawn there, with hard edges) rather than shrunk from `image` with antialiasing,
-        whose soft edges the small decoder learns to draw as rounded corners (see `loss`)."""
-        return (cfg.decoder.unet.image_size,)
+    def extra_image_sizes(cfg, phase):
+        """Sides at which train.py's data sets also give each image of a phase's batches (key
+        `image_{S}`): the decoder's, for the decoder. Its training targets are then made from the
+        source at its side (for the shapes: drawn there, with hard edges) rather than shrunk from
+        `image` with antialiasing, whose soft edges the small decoder learns to draw as rounded
+        corners (see `loss`). No other phase needs one, and rendering costs time."""
+        return (cfg.decoder.unet.image_size,) if phase == "decoder" else ()
 
     def phase_module(self, phase):
         if phase not in self.phases:

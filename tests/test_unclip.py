@@ -263,7 +263,8 @@ def test_unclip_phases_losses_and_sampling():
 def test_decoder_trains_on_the_data_sets_own_rendering():
     model = unclip.UnCLIP(tiny_config())
     S = model.cfg.decoder.unet.image_size
-    assert unclip.UnCLIP.extra_image_sizes(model.cfg) == (S,)
+    assert unclip.UnCLIP.extra_image_sizes(model.cfg, "decoder") == (S,)
+    assert all(unclip.UnCLIP.extra_image_sizes(model.cfg, p) == () for p in model.phases if p != "decoder")
     ds = train.ShapesDataset(4, model.cfg.image_size, extra_sizes=(S,))
     b = torch.utils.data.default_collate([ds[i] for i in range(4)])
     b["caption"] = list(b["caption"])
@@ -315,8 +316,11 @@ def test_paper_presets_counts_on_meta():
 
 # --- train.py and sample.py ---
 
-def test_cli_trains_every_part_and_samples(tmp_path, capsys):
+def test_cli_trains_every_part_and_samples(tmp_path, capsys, monkeypatch):
     run = tmp_path / "u"
+    keys = {}  # the batch keys each phase trains on: the decoder's native rendering, and only there
+    loss = unclip.UnCLIP.loss
+    monkeypatch.setattr(unclip.UnCLIP, "loss", lambda self, b, ph: keys.setdefault(ph, set(b)) and loss(self, b, ph))
     flags = ["--steps", "2", "--batch-size", "4", "--data", "shapes:16", "--log-every", "1",
              "--sample-n", "2",
              "--clip.vision-width", "32", "--clip.vision-layers", "1", "--clip.embed-dim", str(D),
@@ -334,6 +338,7 @@ def test_cli_trains_every_part_and_samples(tmp_path, capsys):
     assert train.main(["unclip", "--out", str(run), "--resume", "--steps", "2", "--batch-size", "4"]) == 0
     for phase in unclip.UnCLIP.phases:
         assert (run / f"ckpt_{phase}.pt").exists()
+        assert keys[phase] == {"image", "label", "caption"} | ({"image_32"} if phase == "decoder" else set())
     # the preview draws 25 samples of the test captions (16 here, so they repeat), listed beside it
     captions = [train.ShapesDataset(16, 128, split="test")[i]["caption"] for i in range(16)]
     assert (run / "samples.txt").read_text().splitlines() == (captions * 2)[:25]
