@@ -188,7 +188,8 @@ def _tiny():
     """CPU-sized stack for the shapes data: clip.py's tiny CLIP on 32x32, a 32x32 decoder, and
     upsamplers 32 -> 64 -> 128 (the paper: 64 -> 256 -> 1024). The decoder works at 32, not 16:
     at 16 pixels a small circle and a small square are a few pixels each, and even the true images
-    shrunk to 16 and enlarged again show the right shape only ~80% of the time (pixel judge)."""
+    shrunk to 16 and enlarged again show the right shape only ~80% of the time (pixel judge). Its
+    targets are the images drawn at 32 (`extra_image_sizes`), not the 128-pixel ones shrunk."""
     return UnCLIPConfig(
         image_size=128,
         clip=clip.PRESETS["tiny"],
