@@ -316,7 +316,7 @@ class ArrayDataset(torch.utils.data.Dataset):
                 **{f"image_{s}": at(s) for s in self.extra_sizes}}
 
 
-def mnist_dataset(root, image_size, split, extra_sizes=()):
+def mnist_dataset(root, image_size, split):
     root = Path(root)
     prefix = "train" if split == "train" else "t10k"
 
@@ -329,14 +329,14 @@ def mnist_dataset(root, image_size, split, extra_sizes=()):
                          "download MNIST's four files (gzipped or not) into that folder")
 
     images, labels = _read_idx(find("images")), _read_idx(find("labels"))
-    return ArrayDataset(images[..., None], labels, image_size, lambda y: f"the digit {y}", 10, extra_sizes)
+    return ArrayDataset(images[..., None], labels, image_size, lambda y: f"the digit {y}", 10)
 
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
 
 
-def cifar10_dataset(root, image_size, split, extra_sizes=()):
+def cifar10_dataset(root, image_size, split):
     root = Path(root)
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
@@ -356,16 +356,16 @@ def cifar10_dataset(root, image_size, split, extra_sizes=()):
         name = CIFAR10_CLASSES[y]
         return f"a photo of an {name}" if name[0] in "aeiou" else f"a photo of a {name}"
 
-    return ArrayDataset(np.concatenate(xs), np.array(ys), image_size, caption, 10, extra_sizes)
+    return ArrayDataset(np.concatenate(xs), np.array(ys), image_size, caption, 10)
 
 
 SHAPES_TRAIN, SHAPES_TEST = 50_000, 2_000
 
 
-def make_dataset(spec, split, image_size, seed=0, extra_sizes=()):
+def make_dataset(spec, split, image_size, seed=0):
     """Data spec -> data set. Specs: shapes[:N] (the default), folder:PATH, mnist:PATH, cifar10:PATH.
-    Each item also holds `image_{s}` for each side s in extra_sizes, made from the source (shapes:
-    drawn at that side), not by shrinking `image`."""
+    Every data set has `extra_sizes` (default none; train_phase sets it per phase): the sides at
+    which each item also holds `image_{s}`, made from the source (shapes: drawn at that side)."""
     kind, _, arg = spec.partition(":")
     if kind == "shapes":
         n = SHAPES_TEST if split == "test" else SHAPES_TRAIN
@@ -374,15 +374,15 @@ def make_dataset(spec, split, image_size, seed=0, extra_sizes=()):
                 n = int(arg) if split == "train" else min(SHAPES_TEST, int(arg))
             except ValueError:
                 raise UsageError(f"--data {spec}: shapes takes a number of images, e.g. shapes:10000")
-        return ShapesDataset(n, image_size, seed=seed, split=split, extra_sizes=extra_sizes)
+        return ShapesDataset(n, image_size, seed=seed, split=split)
     if not arg and kind in ("folder", "mnist", "cifar10"):
         raise UsageError(f"--data {spec}: give a path, e.g. --data {kind}:/path/to/data")
     if kind == "folder":
-        return FolderDataset(arg, image_size, split, extra_sizes)
+        return FolderDataset(arg, image_size, split)
     if kind == "mnist":
-        return mnist_dataset(arg, image_size, split, extra_sizes)
+        return mnist_dataset(arg, image_size, split)
     if kind == "cifar10":
-        return cifar10_dataset(arg, image_size, split, extra_sizes)
+        return cifar10_dataset(arg, image_size, split)
     raise UsageError(f"--data {spec}: unknown data set; use shapes, folder:PATH, mnist:PATH "
                      "or cifar10:PATH")
 

@@ -60,7 +60,7 @@ def test_to_device_carries_every_rendering():
 
 def test_folder_and_array_extra_sizes(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
-    item = train.make_dataset(f"folder:{tmp_path}", "train", 32, extra_sizes=(16,))[0]
+    item = train.FolderDataset(tmp_path, 32, extra_sizes=(16,))[0]
     assert item["image"].shape == (3, 32, 32) and item["image_16"].shape == (3, 16, 16)
     arr = train.ArrayDataset(np.zeros((2, 28, 28, 1), np.uint8), np.array([0, 1]), 32, str, 2, extra_sizes=(28,))
     assert arr[1]["image"].shape == (3, 32, 32) and arr[1]["image_28"].shape == (3, 28, 28)
