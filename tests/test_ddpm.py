@@ -358,3 +358,45 @@ def test_cli_train_sample_eval(tmp_path, capsys):
     assert "bpd" in capsys.readouterr().out
     assert sample.main([str(run), "-n", "2", "--steps", "31"]) == 2
     assert "steps must be" in capsys.readouterr().err
+
+
+def test_group_norm_keeps_half_inputs_in_their_dtype_with_float32_statistics():
+    torch.manual_seed(0)
+    g = ddpm.GroupNorm(4, 16)
+    torch.nn.init.normal_(g.weight), torch.nn.init.normal_(g.bias)
+    x = (torch.randn(2, 16, 8, 8) * 3 + 5).bfloat16()  # a large mean: bf16 sums would drift
+    ref = torch.nn.functional.group_norm(x.double(), 4, g.weight.double(), g.bias.double(), g.eps)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = g(x)
+    assert y.dtype == torch.bfloat16  # autocast alone would give float32
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 5e-3  # bf16 output rounding only
+    x32 = x.float()
+    assert g(x32).dtype == torch.float32 and torch.equal(g(x32), torch.nn.GroupNorm.forward(g, x32))
+
+
+def _have_compiler():
+    import shutil
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+@pytest.mark.skipif(not _have_compiler(), reason="torch.compile on a CPU needs a C++ compiler")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside Inductor, not ours
+def test_sample_compile_gives_the_eager_images(tmp_path, capsys):
+    run = tmp_path / "r"
+    argv = ["ddpm", "--image-size", "8", "--ch", "8", "--ch-mult", "1,2", "--attn-resolutions", "4",
+            "--T", "30", "--steps", "2", "--batch-size", "4", "--data", "shapes:16", "--sample-n", "2",
+            "--out", str(run)]
+    assert train.main(argv) == 0
+    assert sample.main([str(run), "-n", "2", "--steps", "3", "--eta", "0", "--compile",
+                        "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").exists()
+    model, _ = sample.load_model(run)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        ref = model.sample(2, steps=3, eta=0.0)
+    assert sample.compile_for_sampling(model, torch.device("cpu")) == 1
+    assert model.net._compiled_call_impl is not None
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        out = model.sample(2, steps=3, eta=0.0)
+    assert torch.allclose(out, ref, atol=1e-4)
