@@ -730,6 +730,8 @@ def setup_dist(device_arg):
     cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
     if device_arg == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
+    if cuda:  # every step has the same shapes: let cuDNN time its algorithms once and keep the best
+        torch.backends.cudnn.benchmark = True
     if world == 1:
         return Dist(), torch.device("cuda" if cuda else "cpu")
     d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))

@@ -127,6 +127,8 @@ def test_bad_sampling_input(tmp_path, capsys):
     assert "--prompt is not an option" in error_line(capsys)
     assert sample.main([str(tmp_path / "r"), "--eval-captions", "4"]) == 2
     assert "takes no --prompt" in error_line(capsys)
+    assert sample.main([str(tmp_path / "r"), "--compile"]) == 2
+    assert "no U-Net to compile" in error_line(capsys)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
