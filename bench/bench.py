@@ -14,6 +14,10 @@ utilisation (MFU) of the adm-imagenet64 training step, with FLOPs counted by
 torch.utils.flop_counter.
 
 Each case runs in its own subprocess, so peak memory and compile caches do not leak between cases.
+On CUDA the cases run in order of the issue's targets first (the ddpm-cifar10 bf16 pairs, then the
+adm-imagenet64 MFU), so that `--budget` (seconds after which no new case starts) cuts the least
+important rows. `ours-cl` is our model in channels_last memory format (`--channels-last`).
+`--profile-dir` writes a torch.profiler table of the flagged cases' training steps.
 Nothing in the project imports this folder.
 """
 import argparse
@@ -38,6 +42,8 @@ DIFFUSERS_DDPM_CIFAR10 = dict(  # google/ddpm-cifar10-32, Ho et al.'s CIFAR-10 m
     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, dropout=0.1,
     attention_head_dim=None)
+
+IMPLS = ("ours", "diffusers", "ours-cl")
 
 # preset -> (train.py model name, batch on CUDA, batch on CPU)
 CASES = {
@@ -87,6 +93,10 @@ def build(impl, preset):
     return train.model_class(name)(cfg), cfg.image_size
 
 
+def case_name(case):
+    return f"{case['impl']}/{case['preset']}/{case['precision']}/{case['mode']}"
+
+
 def denoiser(impl, model):
     """(x_t, t) -> eps for the DDIM loop."""
     if impl == "diffusers":
@@ -99,12 +109,15 @@ def denoiser(impl, model):
 def run_case(case):
     device = torch.device(case["device"])
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = True  # as train.py on CUDA: fixed shapes, so autotune convs
     impl, preset, prec, mode, B = (case[k] for k in ("impl", "preset", "precision", "mode", "batch"))
     model, S = build(impl, preset)
     model.to(device).train()
+    fmt = torch.channels_last if impl == "ours-cl" else torch.contiguous_format
+    model.to(memory_format=fmt)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
-    x = torch.rand(B, 3, S, S, device=device) * 2 - 1
+    x = (torch.rand(B, 3, S, S, device=device) * 2 - 1).contiguous(memory_format=fmt)
     batch = {"image": x, "label": torch.zeros(B, dtype=torch.long, device=device),
              "caption": [""] * B}
     loss_fn = model.loss
@@ -120,6 +133,15 @@ def run_case(case):
         opt.step()
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = {**case, "params": sum(p.numel() for p in model.parameters())}
+    if case.get("train", True):
+        out.update(time_training(case, model, step, batch, ac, sync, device, B))
+    if case.get("sample_n"):
+        out.update(time_ddim(impl, model, S, case, device, ac, sync))
+    return out
+
+
+def time_training(case, model, step, batch, ac, sync, device, B):
     for _ in range(case["warmup"]):
         step()
     sync()
@@ -130,8 +152,7 @@ def run_case(case):
         step()
     sync()
     dt = (time.perf_counter() - t0) / case["steps"]
-    out = {**case, "params": sum(p.numel() for p in model.parameters()),
-           "img_per_s": B / dt, "step_ms": 1000 * dt}
+    out = {"img_per_s": B / dt, "step_ms": 1000 * dt}
     if device.type == "cuda":
         out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -144,9 +165,31 @@ def run_case(case):
             loss.backward()
         out["flops_per_step"] = fc.get_total_flops()
         out["achieved_tflops"] = out["flops_per_step"] / dt / 1e12
-    if case.get("sample_n"):
-        out.update(time_ddim(impl, model, S, case, device, ac, sync))
+    if case.get("profile_dir"):
+        profile_steps(case, step, sync)
     return out
+
+
+def profile_steps(case, step, sync, n=3):
+    """A torch.profiler table of n training steps, by self device time: where a step goes."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if case["device"] == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        sync()
+    table = None
+    keys = ("self_device_time_total", "self_cuda_time_total") if case["device"] == "cuda" else ()
+    for key in keys + ("self_cpu_time_total",):
+        try:
+            table = prof.key_averages().table(sort_by=key, row_limit=30)
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    path = Path(case["profile_dir"]) / "profiles.txt"  # one file for all cases, appended
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(f"== {case_name(case)}, batch {case['batch']}, {n} steps\n{table}\n\n")
 
 
 @torch.inference_mode()
@@ -155,9 +198,13 @@ def time_ddim(impl, model, S, case, device, ac, sync):
     for ours, diffusers' DDIMScheduler loop for diffusers."""
     model.eval()
     n, K = case["sample_n"], case["sample_steps"]
-    net = denoiser(impl, model)
     if case["mode"] == "compile":
-        net = torch.compile(net, mode="reduce-overhead" if device.type == "cuda" else "default")
+        if impl == "diffusers":
+            model.net.compile(mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+        else:  # what sample.py --compile does
+            import sample
+            sample.compile_for_sampling(model, device)
+    net = denoiser(impl, model)
     if impl == "diffusers":
         from diffusers import DDIMScheduler
         sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
@@ -172,11 +219,12 @@ def time_ddim(impl, model, S, case, device, ac, sync):
             return x
     else:
         diffusion = model.diffusion
+        fmt = torch.channels_last if impl == "ours-cl" else torch.contiguous_format
 
         class Net(torch.nn.Module):
             def forward(self, x, t):
                 with ac:
-                    return net(x, t).float()
+                    return net(x.contiguous(memory_format=fmt), t).float()
 
         def sample():
             return diffusion.sample(Net(), (n, 3, S, S), steps=K, eta=0.0, device=device)
@@ -207,9 +255,29 @@ def matmul_tflops(device):
 
 # --- the driver ---
 
+def priority(case):
+    """Run order on CUDA: the issue's targets first, so a time budget cuts the least needed rows."""
+    p, i, pr, m = case["preset"], case["impl"], case["precision"], case["mode"]
+    train = case.get("train", True)
+    if p == "ddpm-cifar10" and pr == "bf16" and i != "ours-cl" and train:
+        return 0 if m == "eager" else 1                   # the 1.2x pairs, DDIM 60 ms
+    if p == "adm-imagenet64" and pr == "bf16" and m == "eager":
+        return 2                                          # MFU
+    if i == "ours-cl" and pr == "bf16" and m == "eager":
+        return 3
+    if p == "ddpm-cifar10" and pr == "fp32" and m == "eager":
+        return 4
+    if p == "adm-imagenet64" and pr == "bf16":
+        return 5
+    if not train:
+        return 6                                          # diffusers' compiled DDIM loop
+    return 7 if p == "iddpm-cifar10" and pr == "bf16" else 8
+
+
 def cases_for(args):
     cuda = args.device == "cuda"
     impls = ["ours"] + (["diffusers"] if have_diffusers() and not args.no_diffusers else [])
+    impls += ["ours-cl"] if args.channels_last else []
     out = []
     for preset in args.only.split(",") if args.only else list(CASES):
         for impl in impls:
@@ -221,14 +289,33 @@ def cases_for(args):
                     case = dict(impl=impl, preset=preset, precision=prec, mode=mode, batch=B,
                                 device=args.device, warmup=args.warmup or (5 if cuda else 1),
                                 steps=args.steps or (20 if cuda else 3))
-                    # sampling figures for the ddpm-cifar10 rows only: the issue's DDIM target
-                    if preset == "ddpm-cifar10":
-                        case.update(sample_n=64 if cuda else 4, sample_steps=25,
-                                    sample_reps=3 if cuda else 1)
                     if cuda and preset == "adm-imagenet64" and prec == "bf16":
                         case["flops"] = True
+                    if args.profile_dir and impl == "ours" and mode == "eager" and (prec == "bf16" or not cuda):
+                        case["profile_dir"] = args.profile_dir
+                    # sampling figures for the ddpm-cifar10 rows only: the issue's DDIM target
+                    ddim = dict(sample_n=64 if cuda else 4, sample_steps=25, sample_reps=3 if cuda else 1)
+                    if preset != "ddpm-cifar10":
+                        pass
+                    elif cuda and impl == "diffusers" and mode == "compile":
+                        # its own case, after the rows the targets need (a second compile)
+                        out.append({**case, "train": False, **ddim})
+                    else:
+                        case.update(ddim)
                     out.append(case)
-    return out
+    return sorted(out, key=priority) if cuda else out
+
+
+def fmt_row(row):
+    val = lambda k, f: format(row[k], f) if k in row else "-"
+    mfu = f"{100 * row['mfu']:.0f}%" if "mfu" in row else "-"
+    return (f"{row['impl']:9} {row['preset']:15} {row['precision']:5} {row['mode']:8} "
+            f"{row['batch']:5d} {val('img_per_s', '.1f'):>8} {val('step_ms', '.1f'):>8} "
+            f"{val('peak_mb', '.0f'):>8} {val('ddim_ms', '.1f'):>10} {mfu:>6}")
+
+
+HEADER = (f"{'impl':9} {'preset':15} {'prec':5} {'mode':8} {'batch':>5} {'img/s':>8} "
+          f"{'step ms':>8} {'peak MB':>8} {'ddim25 ms':>10} {'MFU':>6}")
 
 
 def main():
@@ -241,40 +328,55 @@ def main():
     p.add_argument("--steps", type=int, default=None, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--no-diffusers", action="store_true")
+    p.add_argument("--channels-last", action="store_true",
+                   help="also time our models in channels_last memory format (impl ours-cl)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds after which no new case starts (the rest are listed as skipped)")
+    p.add_argument("--case-timeout", type=float, default=300, help="seconds per case")
+    p.add_argument("--profile-dir", default=None,
+                   help="append a profiler table of our eager training steps (bf16 on CUDA) to "
+                        "profiles.txt in this folder")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one case as JSON
     args = p.parse_args()
     if args.case:
         print("RESULT " + json.dumps(run_case(json.loads(args.case))), flush=True)
         return
+    t_start = time.time()
     print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, diffusers: "
           f"{'yes' if have_diffusers() and not args.no_diffusers else 'not installed'}")
     peak = matmul_tflops(torch.device("cuda")) if args.device == "cuda" else None
     if peak:
         print(f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s")
-    rows = []
-    hdr = (f"{'impl':9} {'preset':15} {'prec':5} {'mode':8} {'batch':>5} {'img/s':>8} "
-           f"{'step ms':>8} {'peak MB':>8} {'ddim25 ms':>10} {'MFU':>6}")
-    print(hdr)
+    rows, skipped = [], []
+    print(HEADER)
     for case in cases_for(args):
-        r = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
-                           capture_output=True, text=True, env={**os.environ})
-        line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if args.budget is not None and time.time() - t_start > args.budget:
+            skipped.append(case_name(case) + ("" if case.get("train", True) else " (ddim)"))
+            continue
+        t0 = time.time()
+        try:
+            r = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
+                               capture_output=True, text=True, env={**os.environ},
+                               timeout=args.case_timeout)
+            line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
+            err = (r.stderr.strip().splitlines() or ["?"])[-1][:100]
+        except subprocess.TimeoutExpired:
+            line, err = None, f"timed out after {args.case_timeout:.0f} s"
         if line is None:
-            err = (r.stderr.strip().splitlines() or ["?"])[-1][:80]
             print(f"{case['impl']:9} {case['preset']:15} {case['precision']:5} {case['mode']:8} "
-                  f"failed: {err}")
+                  f"failed: {err}", flush=True)
             continue
         row = json.loads(line[7:])
+        row["case_s"] = time.time() - t0
         if peak and "achieved_tflops" in row:
             row["mfu"] = row["achieved_tflops"] / peak
+            row["matmul_tflops"] = peak
         rows.append(row)
-        ddim = f"{row['ddim_ms']:.0f}" if "ddim_ms" in row else "-"
-        mfu = f"{100 * row['mfu']:.0f}%" if "mfu" in row else "-"
-        print(f"{row['impl']:9} {row['preset']:15} {row['precision']:5} {row['mode']:8} "
-              f"{row['batch']:5d} {row['img_per_s']:8.1f} {row['step_ms']:8.1f} "
-              f"{row['peak_mb']:8.0f} {ddim:>10} {mfu:>6}", flush=True)
+        print(fmt_row(row) + f"   ({row['case_s']:.0f} s)", flush=True)
+    if skipped:
+        print(f"skipped (past the {args.budget:.0f} s budget): {', '.join(skipped)}")
     ratios(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
@@ -282,15 +384,27 @@ def main():
 
 def ratios(rows):
     """ours / diffusers for every (precision, mode) measured for both."""
-    by = {(r["impl"], r["precision"], r["mode"]): r for r in rows if r["preset"] == "ddpm-cifar10"}
+    by = {}
+    for r in rows:
+        if r["preset"] == "ddpm-cifar10":
+            by.setdefault((r["impl"], r["precision"], r["mode"]), {}).update(r)
     for (impl, prec, mode), r in sorted(by.items()):
         d = by.get(("diffusers", prec, mode))
-        if impl == "ours" and d:
-            msg = (f"ddpm-cifar10 {prec} {mode}: train {r['img_per_s'] / d['img_per_s']:.2f}x "
-                   f"diffusers' images/s, peak memory {r['peak_mb'] / d['peak_mb']:.2f}x")
+        if impl in ("ours", "ours-cl") and d:
+            parts = []
+            if "img_per_s" in r and "img_per_s" in d:
+                parts.append(f"train {r['img_per_s'] / d['img_per_s']:.2f}x diffusers' images/s, "
+                             f"peak memory {r['peak_mb'] / d['peak_mb']:.2f}x")
             if "ddim_ms" in r and "ddim_ms" in d:
-                msg += f", DDIM latency {r['ddim_ms'] / d['ddim_ms']:.2f}x"
-            print(msg)
+                parts.append(f"DDIM latency {r['ddim_ms'] / d['ddim_ms']:.2f}x")
+            if parts:
+                print(f"{impl} ddpm-cifar10 {prec} {mode}: " + ", ".join(parts))
+    for r in rows:
+        if "mfu" in r:
+            print(f"{r['impl']} {r['preset']} {r['precision']} {r['mode']}: "
+                  f"{r['achieved_tflops']:.0f} TFLOP/s = {100 * r['mfu']:.0f}% of the measured "
+                  f"bf16 matmul {r['matmul_tflops']:.0f} TFLOP/s "
+                  f"({r['flops_per_step'] / 1e12:.2f} TFLOP per step)")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,17 @@
 """Forward and backward of every registered model, every phase, under bf16 autocast, then a few
 samples: the CUDA check of bench/gpu.sh (it runs on a CPU too: `--device cpu`).
 
+On CUDA it also runs one whole training step as train.py does (bf16 loss, backward, gradient
+clipping, fused AdamW, EMA) under torch.cuda.set_sync_debug_mode and lists every host-device
+synchronisation the step makes, by file and line: train.py syncs only at log intervals, so any
+line listed here is a stall in every step.
+
     python bench/check_device.py --device cuda [--models ddpm,vae]
 """
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -14,6 +20,37 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import train  # noqa: E402
+
+
+def host_syncs(fn):
+    """Run fn with CUDA's sync debug mode on -> ['file:line', ...] of each synchronising call."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+            torch.cuda.current_stream().synchronize()  # not counted: the stream API, not an op
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
+def training_step(model, phase, module, batch, device):
+    """One step as train.py takes it, as a closure."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
+    ema = train.EMA(module, 0.999)
+    objective = train.Objective(model, phase)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = objective(batch)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(module, 1)
+    return step
 
 
 def check(name, device, n=4):
@@ -42,10 +79,16 @@ def check(name, device, n=4):
         ok = torch.isfinite(out["loss"]).item() and all(
             g is None or torch.isfinite(g).all().item() for g in grads)
         n_grad = sum(g is not None for g in grads)
-        report.append(f"{phase}: loss {out['loss'].item():.4f} {'finite' if ok else 'NOT FINITE'}, "
-                      f"{n_grad}/{len(grads)} grads, {1000 * (time.perf_counter() - t0):.0f} ms")
+        line = (f"{phase}: loss {out['loss'].item():.4f} {'finite' if ok else 'NOT FINITE'}, "
+                f"{n_grad}/{len(grads)} grads, {1000 * (time.perf_counter() - t0):.0f} ms")
         if not ok:
             raise SystemExit(f"{name}/{phase}: non-finite loss or gradient under bf16")
+        if device.type == "cuda":
+            step = training_step(model, phase, module, batch, device)
+            step()  # first call: lazy initialisation (cuBLAS handles, optimizer state) is not a step
+            syncs = host_syncs(step)
+            line += f", host syncs per step: {len(syncs)}" + (f" ({', '.join(sorted(set(syncs)))})" if syncs else "")
+        report.append(line)
     model.eval()
     if hasattr(model, "sample"):
         t0 = time.perf_counter()

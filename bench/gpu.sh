@@ -1,27 +1,78 @@
 #!/usr/bin/env bash
-# Every GPU check in one run (< 8 minutes on one H100): bf16 forward/backward of every model,
-# a few bf16 training steps and sampling through train.py / sample.py, then the benchmark.
-# Run from the repository root. diffusers is optional: if .whl/ holds its wheels (see the
-# device tool's notes), they are installed to /tmp/site first.
+# Every GPU check in one run, within GPU_BUDGET seconds (default 540) on one H100:
+#   1. bf16 forward/backward, sampling and the host syncs of a training step of every model
+#      (check_device.py);
+#   2. the benchmark (bench.py) alone on the GPU, issue 7's target rows first, the least needed
+#      ones cut when its share of the time is spent;
+#   3. the unCLIP stack with its default steps in bf16 (train.py unclip) in the background, beside
+#      20 bf16 steps of train.py for every other model and sample.py (plain and --compile) on ddpm;
+#   4. the unCLIP run's --eval-captions 200 and one prompt, in bf16.
+# Run from the repository root. Results go to $OUT (default /tmp/gpu_out): check.txt, bench.txt,
+# bench.json, profiles.txt, smoke.txt, unclip.log and unclip_prompt.png; a summary is printed last.
+# diffusers is optional: if .whl/ holds its wheel (see the device tool's notes), it is installed to
+# /tmp/site first. It runs on the GPU machine's own torch and Python.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+R=${GPU_RUNS:-/tmp/gpu_runs}; mkdir -p "$R"
+BUDGET=${GPU_BUDGET:-540}
+BENCH_UNTIL=${BENCH_UNTIL:-300}   # no benchmark case starts after this many seconds of the script
+DEV=${GPU_DEVICE:-cuda}
+T0=$(date +%s)
+since() { echo $(( $(date +%s) - T0 )); }
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+    --target /tmp/site .whl/*.whl 2>&1 | grep -v "as the 'root' user"
+  export PYTHONPATH=/tmp/site
 fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0], torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 status=0
-echo "== 1. bf16 forward/backward and sampling of every model"
-timeout 120 python3 bench/check_device.py --device cuda 2>&1 | tee "$OUT/check.txt" || status=1
-echo "== 2. train.py: 30 bf16 steps per phase, then sample.py"
-for m in $(python3 -c "import train; print(' '.join(train.MODELS))"); do
-  timeout 60 python3 train.py "$m" --device cuda --precision bf16 --steps 30 --log-every 10 \
-    --out "/tmp/gpu_runs/$m" --sample-n 8 2>&1 | tail -2 || { echo "$m: train FAILED"; status=1; }
+
+echo "== 1. check_device ($(since) s)"
+timeout 120 python3 bench/check_device.py --device "$DEV" ${CHECK_ARGS:-} > "$OUT/check.txt" 2>&1 || status=1
+tail -1 "$OUT/check.txt"
+
+echo "== 2. benchmark ($(since) s)"
+LEFT=$(( BENCH_UNTIL - $(since) )); [ $LEFT -lt 30 ] && LEFT=30
+timeout $(( LEFT + 150 )) python3 bench/bench.py --device "$DEV" --channels-last --budget $LEFT \
+  --case-timeout 150 --profile-dir "$OUT" --json "$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.txt" 2>&1 || status=1
+tail -3 "$OUT/bench.txt"
+
+echo "== 3. unCLIP default run in bf16, smoke runs beside it ($(since) s)"
+UNCLIP_LEFT=$(( BUDGET - $(since) - 45 )); [ $UNCLIP_LEFT -lt 30 ] && UNCLIP_LEFT=30
+( timeout $UNCLIP_LEFT python3 train.py unclip --device "$DEV" --precision bf16 \
+    --out "$R/unclip" ${UNCLIP_ARGS:-} > "$OUT/unclip.log" 2>&1
+  echo "train.py unclip exit $? at $(since) s of the script (limit ${UNCLIP_LEFT} s)" >> "$OUT/unclip.log" ) &
+UNCLIP=$!
+MODELS=$(python3 -c "import train; print(' '.join(m for m in train.MODELS if m != 'unclip'))")
+export R DEV
+echo "$MODELS" | tr ' ' '\n' | xargs -P 3 -I{} sh -c '
+  if timeout 150 python3 train.py {} --device "$DEV" --precision bf16 --steps ${SMOKE_STEPS:-20} \
+       --log-every 10 --workers 0 --out "$R/{}" --sample-n 8 > "$R/{}.log" 2>&1; then
+    echo "{}: train.py ok ($(grep -c "finished" "$R/{}.log") phases)"
+  else echo "{}: train.py FAILED: $(tail -1 "$R/{}.log")"; fi' > "$OUT/smoke.txt" 2>&1
+for c in "" "--compile"; do
+  timeout 90 python3 sample.py "$R/ddpm" --device "$DEV" --precision bf16 -n 64 --steps 25 --eta 0 \
+    $c --out "$R/ddpm_ddim25$c.png" >> "$OUT/smoke.txt" 2>&1 || echo "ddpm: sample.py $c FAILED" >> "$OUT/smoke.txt"
 done
-timeout 60 python3 sample.py /tmp/gpu_runs/ddpm --device cuda --precision bf16 -n 16 --steps 25 --eta 0 \
-  --out "$OUT/ddpm_ddim25.png" || status=1
-echo "== 3. benchmark"
-timeout 300 python3 bench/bench.py --device cuda --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" || status=1
+grep -q FAILED "$OUT/smoke.txt" && status=1
+echo "smoke runs done at $(since) s"
+wait $UNCLIP
+
+echo "== 4. unCLIP evaluation ($(since) s)"
+if grep -q "exit 0" "$OUT/unclip.log"; then
+  timeout 90 python3 sample.py "$R/unclip" --device "$DEV" --precision bf16 --eval-captions ${EVAL_N:-200} \
+    --out "$R/unclip_eval.png" >> "$OUT/unclip.log" 2>&1 || status=1
+  timeout 45 python3 sample.py "$R/unclip" --device "$DEV" --precision bf16 -n 4 \
+    --prompt "a large red circle at the top left" --out "$OUT/unclip_prompt.png" >> "$OUT/unclip.log" 2>&1 || status=1
+else
+  status=1
+fi
+
+echo "== summary ($(since) s)"
+echo "-- check_device (bf16 forward/backward, sampling, host syncs per training step)"; cat "$OUT/check.txt"
+echo "-- smoke"; cat "$OUT/smoke.txt"
+echo "-- unCLIP"; grep -E "finished|done|exit|%|time|wrote|rror|Killed" "$OUT/unclip.log" | tail -25
+echo "-- benchmark"; cat "$OUT/bench.txt"
 exit $status
