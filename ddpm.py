@@ -586,7 +586,9 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         nh = self.num_heads
         qkv = self.qkv(self.norm(x)).reshape(B, 3, nh, C // nh, H * W)   # (B, 3, nh, hs, HW)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)                         # each (B, nh, HW, hs)
+        # channels last in memory: the fused (flash) kernels need it; else SDPA falls back to the
+        # unfused maths, which under autocast runs in float32
+        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(1)            # each (B, nh, HW, hs)
         h = F.scaled_dot_product_attention(q, k, v)                       # (B, nh, HW, hs)
         h = h.transpose(-1, -2).reshape(B, C, H, W)                       # (B, C, H, W)
         return x + self.proj_out(h)

@@ -259,6 +259,16 @@ def make_diffusion(c, **kw):
         return GaussianDiffusion(make_beta_schedule(c.noise_schedule, c.diffusion_steps), **kw)
 
 
+def host_to_device(t, device):
+    """A tensor made on the CPU (token ids, targets) -> `device` without stalling the host: on CUDA
+    through pinned memory with an asynchronous copy, since a copy from pageable memory first waits
+    for the GPU to finish its queue (a host-device synchronisation in every training step)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 # --- building blocks ---
 
 
@@ -373,7 +383,9 @@ class AttentionBlock(nn.Module):
             t = t.reshape(B, n, self.heads, -1, L).transpose(0, 1)        # (n, B, h, ch, L)
         else:
             t = t.reshape(B, self.heads, n, -1, L).permute(2, 0, 1, 3, 4)  # (n, B, h, ch, L)
-        return [u.transpose(-1, -2) for u in t]                           # n x (B, h, L, ch)
+        # channels last in memory: the fused (flash) kernels need it; else SDPA falls back to the
+        # unfused maths, which under autocast runs in float32
+        return [u.transpose(-1, -2).contiguous() for u in t]              # n x (B, h, L, ch)
 
     def forward(self, x, context=None):
         B, C, H, W = x.shape
@@ -404,7 +416,8 @@ class AttentionPool2d(nn.Module):
         x = x.reshape(B, C, -1)                                            # (B, C, HW)
         x = torch.cat([x.mean(-1, keepdim=True), x], -1)                   # (B, C, 1 + HW)
         x = x + self.positional_embedding[None].to(x.dtype)
-        q, k, v = self.qkv_proj(x).reshape(B, 3, self.heads, C // self.heads, -1).transpose(-1, -2).unbind(1)
+        qkv = self.qkv_proj(x).reshape(B, 3, self.heads, C // self.heads, -1)  # (B, 3, h, C/h, 1 + HW)
+        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(1)             # each (B, h, 1 + HW, C/h)
         a = F.scaled_dot_product_attention(q[:, :, :1], k, v)              # (B, h, 1, C/h)
         return self.c_proj(a.transpose(-1, -2).reshape(B, C, 1))[:, :, 0]  # (B, out_dim)
 
@@ -733,7 +746,7 @@ class ADM(nn.Module):
 
     def _text(self, captions, device):
         tokens, mask = tokenize(captions, self.config.text_ctx)
-        return tokens.to(device), mask.to(device)
+        return host_to_device(tokens, device), host_to_device(mask, device)
 
     def training_kwargs(self, batch, x_0):
         """The UNet's keyword arguments for a training batch, with the condition dropped (set to
