@@ -278,6 +278,17 @@ def tokenize(texts, context_length=77, tokenizer=None, truncate=False, trim=Fals
     return out
 
 
+# Copied from guided.host_to_device
+def host_to_device(t, device):
+    """A tensor made on the CPU (token ids, targets) -> `device` without stalling the host: on CUDA
+    through pinned memory with an asynchronous copy, since a copy from pageable memory first waits
+    for the GPU to finish its queue (a host-device synchronisation in every training step)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 # --- building blocks ---
 
 class QuickGELU(nn.Module):
@@ -415,7 +426,7 @@ class CLIP(nn.Module):
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
                              f"{self.cfg.vocab_size}; set bpe_path to OpenAI's merges file for OpenAI's weights")
         ids = tokenize(texts, self.cfg.context_length, tokenizer, truncate=truncate, trim=trim)
-        return ids.to(self.logit_scale.device)
+        return host_to_device(ids, self.logit_scale.device)
 
     def encode_image(self, image):
         """(B, C, H, W) in [-1, 1] -> image features I_f W_i, (B, embed_dim), not normalised."""
@@ -468,7 +479,7 @@ class CLIP(nn.Module):
             raise ValueError("CLIP learns from captions, and this batch has images without one "
                              "(a folder without .txt captions?); give every image a caption")
         column = {c: j for j, c in enumerate(distinct)}
-        target = torch.tensor([column[c] for c in captions], device=image.device)  # (B,)
+        target = host_to_device(torch.tensor([column[c] for c in captions]), image.device)  # (B,)
         logits = self.rank_captions(image, distinct, truncate=True)  # (B, U)
         loss_i2t = F.cross_entropy(logits, target)
         owners = F.one_hot(target, len(distinct)).T.to(logits.dtype)  # (U, B)
@@ -494,7 +505,7 @@ class CLIP(nn.Module):
         column = {c: j for j, c in enumerate(candidates)}
         if any(c not in column for c in captions):
             raise ValueError("every caption must be among the candidates; add the missing ones")
-        target = torch.tensor([column[c] for c in captions], device=image.device)  # (B,)
+        target = host_to_device(torch.tensor([column[c] for c in captions]), image.device)  # (B,)
         return (self.rank_captions(image, candidates).argmax(dim=1) == target).float().mean()
 
     @torch.no_grad()

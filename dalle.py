@@ -231,6 +231,17 @@ class Conv2d(nn.Conv2d):
             nn.init.zeros_(self.bias)
 
 
+# Copied from guided.host_to_device
+def host_to_device(t, device):
+    """A tensor made on the CPU (token ids, targets) -> `device` without stalling the host: on CUDA
+    through pinned memory with an asynchronous copy, since a copy from pageable memory first waits
+    for the GPU to finish its queue (a host-device synchronisation in every training step)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 # --- dVAE blocks (appendix A.1) ---
 
 
@@ -544,7 +555,7 @@ class DALLE(nn.Module):
                 ids = ids[: T - 1]
             ids = [self.transformer.sot_id] + ids
             rows.append(ids + [self.transformer.pad_id + j for j in range(len(ids), T)])
-        return torch.tensor(rows, dtype=torch.long, device=self.transformer.text_emb.weight.device)
+        return host_to_device(torch.tensor(rows, dtype=torch.long), self.transformer.text_emb.weight.device)
 
     def detokenize(self, text: torch.Tensor) -> list[str]:
         """Text-stream ids (B, text_len) -> captions: the bytes before the first padding token."""
@@ -597,8 +608,8 @@ class DALLE(nn.Module):
             "kl": kl.mean(),  # nats per grid cell
             "mse": F.mse_loss(x_hat, x.float()),
             "perplexity": torch.exp(-(q_mean * torch.log(q_mean + 1e-10)).sum()),  # codebook usage
-            "tau": torch.tensor(tau, device=x.device),
-            "beta": torch.tensor(beta, device=x.device),
+            "tau": torch.full((), tau, device=x.device),  # a fill on the device, not a copy from the host
+            "beta": torch.full((), beta, device=x.device),
         }
 
     def transformer_loss(self, x: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:

@@ -557,7 +557,7 @@ class Decoder(nn.Module):
         if not self.cfg.unet.xf_width:
             return None, None
         tokens, mask = guided.tokenize(list(captions), self.cfg.unet.text_ctx)
-        return tokens.to(device), mask.to(device)
+        return guided.host_to_device(tokens, device), guided.host_to_device(mask, device)
 
     def loss(self, x_0, z_i, captions):
         """The hybrid loss (Improved DDPM eq. 16) with the paper's condition dropout (section 2.1):
@@ -588,16 +588,16 @@ class Decoder(nn.Module):
 
 # --- the upsamplers ---
 
-def gaussian_kernel(sigma, size):
-    """(size,) normalised 1-d Gaussian kernel."""
-    r = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+def gaussian_kernel(sigma, size, device=None):
+    """(size,) normalised 1-d Gaussian kernel, made on `device` (no copy from the host)."""
+    r = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
     k = torch.exp(-r ** 2 / (2 * sigma ** 2))
     return k / k.sum()
 
 
 def blur(x, sigma, size):
     """Separable Gaussian blur of (B, C, H, W) with reflect padding; shape kept."""
-    k = gaussian_kernel(sigma, size).to(x)
+    k = gaussian_kernel(sigma, size, x.device).to(x.dtype)
     C, p = x.shape[1], size // 2
     x = F.conv2d(F.pad(x, (p, p, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(C, 1, 1, 1), groups=C)
     return F.conv2d(F.pad(x, (0, 0, p, p), mode="reflect"), k.view(1, 1, -1, 1).repeat(C, 1, 1, 1), groups=C)
@@ -622,7 +622,8 @@ def bsr_degrade(x, generator=None):
         return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     def do_noise(x):
-        return x + u(0.0, 0.1) * torch.randn(x.shape, generator=generator).to(x)
+        noise = torch.randn(x.shape, generator=generator)  # the generator's stream, on the CPU
+        return x + u(0.0, 0.1) * guided.host_to_device(noise, x.device).to(x.dtype)
 
     for i in torch.randperm(3, generator=generator).tolist():
         x = (do_blur, do_resize, do_noise)[i](x)
@@ -739,6 +740,18 @@ class UnCLIP(nn.Module):
     def device(self):
         return self.clip.logit_scale.device
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device) moves the parameters; each part's float64 schedule tables follow them, so a
+        # training step gathers from tables on its own device instead of copying them from the host
+        # (a meta model, for counting parameters, keeps them on the CPU)
+        out = super()._apply(fn, *args, **kwargs)
+        device = self.device
+        if device.type != "meta":
+            for part in (self.prior, self.decoder, self.upsampler1, self.upsampler2):
+                if isinstance(getattr(part, "diffusion", None), ddpm.GaussianDiffusion):
+                    part.diffusion.to(device)
+        return out
+
     # embeddings
 
     @torch.no_grad()
@@ -755,7 +768,7 @@ class UnCLIP(nn.Module):
     def prior_text(self, captions):
         """Captions -> the prior's caption tokens (B, text_ctx), CLIP's tokenizer."""
         ctx = self.prior.cfg.text_ctx
-        return clip.tokenize(list(captions), ctx, self.clip.tokenizer, truncate=True).to(self.device)
+        return guided.host_to_device(clip.tokenize(list(captions), ctx, self.clip.tokenizer, truncate=True), self.device)
 
     # training
 

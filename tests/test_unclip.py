@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import ddpm
 import guided
 import sample
 import train
@@ -362,3 +363,24 @@ def test_cli_trains_every_part_and_samples(tmp_path, capsys, monkeypatch):
 def json_config(run):
     import json
     return json.loads((run / "run.json").read_text())["config"]
+
+
+def test_moving_the_model_moves_every_schedule(monkeypatch):
+    # the float64 tables follow .to(device), so a training step never copies them from the host
+    model = unclip.UnCLIP(tiny_config())
+    moved = []
+    real = ddpm.GaussianDiffusion.to
+
+    def spy(self, device):
+        moved.append((id(self), torch.device(device).type))
+        return real(self, device)
+
+    monkeypatch.setattr(ddpm.GaussianDiffusion, "to", spy)
+    model.to(torch.float32)
+    parts = (model.prior, model.decoder, model.upsampler1, model.upsampler2)
+    assert sorted(moved) == sorted((id(p.diffusion), "cpu") for p in parts)
+    with torch.device("meta"):
+        meta = unclip.UnCLIP(tiny_config())
+    moved.clear()
+    meta.to(torch.float32)
+    assert moved == [] and meta.decoder.diffusion.betas.device.type == "cpu"
