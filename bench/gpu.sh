@@ -36,7 +36,7 @@ tail -1 "$OUT/check.txt"
 echo "== 2. benchmark ($(since) s)"
 LEFT=$(( BENCH_UNTIL - $(since) )); [ $LEFT -lt 30 ] && LEFT=30
 timeout $(( LEFT + 150 )) python3 bench/bench.py --device "$DEV" --channels-last --budget $LEFT \
-  --case-timeout 150 --profile-dir "$OUT" --json "$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.txt" 2>&1 || status=1
+  --case-timeout 300 --profile-dir "$OUT" --json "$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.txt" 2>&1 || status=1
 tail -3 "$OUT/bench.txt"
 
 echo "== 3. unCLIP default run in bf16, smoke runs beside it ($(since) s)"
