@@ -622,8 +622,9 @@ def bsr_degrade(x, generator=None):
         return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     def do_noise(x):
+        level = u(0.0, 0.1)  # drawn before the noise, as always: the same stream gives the same image
         noise = torch.randn(x.shape, generator=generator)  # the generator's stream, on the CPU
-        return x + u(0.0, 0.1) * guided.host_to_device(noise, x.device).to(x.dtype)
+        return x + level * guided.host_to_device(noise, x.device).to(x.dtype)
 
     for i in torch.randperm(3, generator=generator).tolist():
         x = (do_blur, do_resize, do_noise)[i](x)
