@@ -17,7 +17,7 @@ Each case runs in its own subprocess, so peak memory and compile caches do not l
 On CUDA the cases run in order of the issue's targets first (the ddpm-cifar10 bf16 pairs, then the
 adm-imagenet64 MFU), so that `--budget` (seconds after which no new case starts) cuts the least
 important rows. `ours-cl` is our model in channels_last memory format (`--channels-last`).
-`--profile-dir` writes a torch.profiler table of the flagged cases' training steps.
+`--profile-dir` appends torch.profiler tables of our bf16 cases' training steps and DDIM loops.
 Nothing in the project imports this folder.
 """
 import argparse
@@ -166,12 +166,13 @@ def time_training(case, model, step, batch, ac, sync, device, B):
         out["flops_per_step"] = fc.get_total_flops()
         out["achieved_tflops"] = out["flops_per_step"] / dt / 1e12
     if case.get("profile_dir"):
-        profile_steps(case, step, sync)
+        profile_steps(case, step, sync, what=f"training step, batch {case['batch']}")
     return out
 
 
-def profile_steps(case, step, sync, n=3):
-    """A torch.profiler table of n training steps, by self device time: where a step goes."""
+def profile_steps(case, step, sync, n=3, what="training steps"):
+    """A torch.profiler table of n calls of step (training steps, or a whole sampling loop), by
+    self device time: where the time goes."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if case["device"] == "cuda" else [])
     with profile(activities=acts) as prof:
@@ -189,7 +190,7 @@ def profile_steps(case, step, sync, n=3):
     path = Path(case["profile_dir"]) / "profiles.txt"  # one file for all cases, appended
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        f.write(f"== {case_name(case)}, batch {case['batch']}, {n} steps\n{table}\n\n")
+        f.write(f"== {case_name(case)}, {n} x {what}\n{table}\n\n")
 
 
 @torch.inference_mode()
@@ -236,6 +237,8 @@ def time_ddim(impl, model, S, case, device, ac, sync):
         sample()
         sync()
         times.append(time.perf_counter() - t0)
+    if case.get("profile_dir"):
+        profile_steps(case, sample, sync, n=1, what=f"{K}-step DDIM of {n} images")
     return {"ddim_ms": 1000 * min(times)}
 
 
@@ -291,7 +294,7 @@ def cases_for(args):
                                 steps=args.steps or (20 if cuda else 3))
                     if cuda and preset == "adm-imagenet64" and prec == "bf16":
                         case["flops"] = True
-                    if args.profile_dir and impl == "ours" and mode == "eager" and (prec == "bf16" or not cuda):
+                    if args.profile_dir and impl == "ours" and (prec == "bf16" or not cuda):
                         case["profile_dir"] = args.profile_dir
                     # sampling figures for the ddpm-cifar10 rows only: the issue's DDIM target
                     ddim = dict(sample_n=64 if cuda else 4, sample_steps=25, sample_reps=3 if cuda else 1)
@@ -334,8 +337,8 @@ def main():
                    help="seconds after which no new case starts (the rest are listed as skipped)")
     p.add_argument("--case-timeout", type=float, default=300, help="seconds per case")
     p.add_argument("--profile-dir", default=None,
-                   help="append a profiler table of our eager training steps (bf16 on CUDA) to "
-                        "profiles.txt in this folder")
+                   help="append profiler tables of our training steps and DDIM loops (bf16 on "
+                        "CUDA) to profiles.txt in this folder")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one case as JSON
     args = p.parse_args()
