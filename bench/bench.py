@@ -43,8 +43,6 @@ DIFFUSERS_DDPM_CIFAR10 = dict(  # google/ddpm-cifar10-32, Ho et al.'s CIFAR-10 m
     norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, dropout=0.1,
     attention_head_dim=None)
 
-IMPLS = ("ours", "diffusers", "ours-cl")
-
 # preset -> (train.py model name, batch on CUDA, batch on CPU)
 CASES = {
     "ddpm-cifar10": ("ddpm", 128, 8),
@@ -97,6 +95,11 @@ def case_name(case):
     return f"{case['impl']}/{case['preset']}/{case['precision']}/{case['mode']}"
 
 
+def memory_format(impl):
+    """ours-cl is our model with weights and inputs in channels_last."""
+    return torch.channels_last if impl == "ours-cl" else torch.contiguous_format
+
+
 def denoiser(impl, model):
     """(x_t, t) -> eps for the DDIM loop."""
     if impl == "diffusers":
@@ -113,7 +116,7 @@ def run_case(case):
     impl, preset, prec, mode, B = (case[k] for k in ("impl", "preset", "precision", "mode", "batch"))
     model, S = build(impl, preset)
     model.to(device).train()
-    fmt = torch.channels_last if impl == "ours-cl" else torch.contiguous_format
+    fmt = memory_format(impl)
     model.to(memory_format=fmt)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
@@ -220,7 +223,7 @@ def time_ddim(impl, model, S, case, device, ac, sync):
             return x
     else:
         diffusion = model.diffusion
-        fmt = torch.channels_last if impl == "ours-cl" else torch.contiguous_format
+        fmt = memory_format(impl)
 
         class Net(torch.nn.Module):
             def forward(self, x, t):
@@ -298,13 +301,12 @@ def cases_for(args):
                         case["profile_dir"] = args.profile_dir
                     # sampling figures for the ddpm-cifar10 rows only: the issue's DDIM target
                     ddim = dict(sample_n=64 if cuda else 4, sample_steps=25, sample_reps=3 if cuda else 1)
-                    if preset != "ddpm-cifar10":
-                        pass
-                    elif cuda and impl == "diffusers" and mode == "compile":
-                        # its own case, after the rows the targets need (a second compile)
-                        out.append({**case, "train": False, **ddim})
-                    else:
-                        case.update(ddim)
+                    if preset == "ddpm-cifar10":
+                        if cuda and impl == "diffusers" and mode == "compile":
+                            # its own case, after the rows the targets need (a second compile)
+                            out.append({**case, "train": False, **ddim})
+                        else:
+                            case.update(ddim)
                     out.append(case)
     return sorted(out, key=priority) if cuda else out
 
