@@ -59,6 +59,8 @@ def build_parser():
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the diffusion networks (U-Nets) for the sampling loop; "
                         "on CUDA each step replays as a CUDA graph")
+    p.add_argument("--channels-last", action="store_true",
+                   help="convolution weights in channels_last memory format (faster with bf16 on CUDA)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--reconstruct", action="store_true",
                       help="autoencoders: test images beside their reconstructions")
@@ -213,6 +215,8 @@ def run(args):
     torch.manual_seed(args.seed)
     run_dir = info["run"]
     ac = train.autocast(device, args.precision)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     if args.compile and not compile_for_sampling(model, device):
         raise UsageError(f"--compile speeds up diffusion sampling; {info['model']} has no U-Net "
                          "to compile: leave the flag out")

@@ -607,6 +607,9 @@ def build_parser(name=None):
                    help="images in samples.png at the end (default 64; 25 for unclip)")
     g.add_argument("--workers", type=int, default=None, help="data loader workers (0 CPU, 4 CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    g.add_argument("--channels-last", action="store_true",
+                   help="convolution weights in channels_last memory format, so convolutions run "
+                        "channels-last (faster with bf16 on CUDA); data and noise stay NCHW")
     if name in MODELS:
         cls = type(presets(name)["tiny"])
         c = p.add_argument_group(f"{cls.__name__} fields (default: the preset's value)")
@@ -991,6 +994,8 @@ def run_training(args, overrides):
         except (ValueError, TypeError) as e:
             raise UsageError(f"invalid {name} config: {e}")
         model.to(device)
+        if args.channels_last:  # 4-d weights only: each convolution then computes and returns
+            model.to(memory_format=torch.channels_last)  # channels_last; the data and noise stay NCHW
         phases = phases_of(model)
         if args.phase:  # the phases before it must be done: check before anything is written
             for ph in phases[:phases.index(args.phase)]:

@@ -5,9 +5,10 @@
 #   2. the benchmark (bench.py) alone on the GPU, issue 7's target rows first, the least needed
 #      ones cut when its share of the time is spent;
 #   3. 20 bf16 steps of train.py for every model (each unCLIP part too), sample.py (plain and
-#      --compile) on ddpm; with UNCLIP_FULL=1, the unCLIP stack with its default steps in bf16 in
-#      the background beside them (CLIP took 58 s, the prior 11 s and the decoder 84 ms a step on
-#      an H200 before the host-sync fixes of 2026-11-27);
+#      --compile) on ddpm, ddpm's training and sampling with --channels-last; with UNCLIP_FULL=1,
+#      the unCLIP stack with its default steps in bf16 in the background beside them (CLIP took
+#      58 s, the prior 11 s and the decoder 84 ms a step on an H200 before the host-sync fixes of
+#      2026-11-27);
 #   4. --eval-captions (EVAL_N, default 200 after a full run, else 25) and one prompt on the unCLIP
 #      run, in bf16.
 # Run from the repository root. Results go to $OUT (default /tmp/gpu_out): check.txt, bench.txt,
@@ -64,6 +65,12 @@ for c in "" "--compile"; do
   timeout 90 python3 sample.py "$R/ddpm" --device "$DEV" --precision bf16 -n 64 --steps 25 --eta 0 \
     $c --out "$R/ddpm_ddim25$c.png" >> "$OUT/smoke.txt" 2>&1 || echo "ddpm: sample.py $c FAILED" >> "$OUT/smoke.txt"
 done
+timeout 90 python3 train.py ddpm --device "$DEV" --precision bf16 --steps ${SMOKE_STEPS:-20} --channels-last \
+  --log-every 10 --workers 0 --out "$R/ddpm_cl" --sample-n 8 > "$R/ddpm_cl.log" 2>&1 \
+  && timeout 60 python3 sample.py "$R/ddpm_cl" --device "$DEV" --precision bf16 -n 64 --steps 25 --eta 0 \
+    --channels-last --out "$R/ddpm_cl_ddim25.png" >> "$OUT/smoke.txt" 2>&1 \
+  && echo "ddpm: train.py and sample.py --channels-last ok" >> "$OUT/smoke.txt" \
+  || echo "ddpm: --channels-last FAILED: $(tail -1 "$R/ddpm_cl.log")" >> "$OUT/smoke.txt"
 grep -q FAILED "$OUT/smoke.txt" && status=1
 echo "smoke runs done at $(since) s"
 if [ -n "$UNCLIP" ]; then wait $UNCLIP; else
