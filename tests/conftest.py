@@ -1,6 +1,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -31,3 +33,19 @@ def overfit_losses(loss_fn, params, steps, lr):
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+@pytest.fixture
+def sdpa_strides(monkeypatch):
+    """Spy on F.scaled_dot_product_attention: a list that gets, per call, the last-dimension stride
+    of q, k and v. The fused (flash) kernels need stride 1 there; otherwise SDPA falls back to the
+    unfused maths, which under autocast runs in float32 (what a GPU profile showed)."""
+    import torch.nn.functional as F
+    seen, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append([t.stride(-1) for t in (q, k, v)])
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return seen

@@ -410,21 +410,12 @@ def test_sample_compile_gives_the_eager_images(tmp_path, capsys):
     assert torch.allclose(out, ref, atol=1e-4)
 
 
-def test_attention_hands_sdpa_channel_contiguous_inputs(monkeypatch):
-    # the fused (flash) kernels need stride 1 on the channels; otherwise SDPA falls back to the
-    # unfused maths, in float32 under autocast (what a GPU profile of this block showed)
-    seen, real = [], torch.nn.functional.scaled_dot_product_attention
-
-    def spy(q, k, v, *args, **kwargs):
-        seen.append([t.stride(-1) for t in (q, k, v)])
-        return real(q, k, v, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+def test_attention_hands_sdpa_channel_contiguous_inputs(sdpa_strides):
     x = torch.randn(2, 16, 4, 4)
     block = ddpm.AttnBlock(16, 2)
     torch.nn.init.normal_(block.proj_out.weight)
     y = block(x)
-    assert seen == [[1, 1, 1]]
+    assert sdpa_strides == [[1, 1, 1]]
     # and the same result as attention written out
     B, C, H, W = x.shape
     qkv = block.qkv(block.norm(x)).reshape(B, 3, 2, C // 2, H * W)

@@ -374,20 +374,12 @@ def test_cli_glide_two_phases(tmp_path, capsys):
     assert "upsampler must map" in capsys.readouterr().err
 
 
-def test_attention_hands_sdpa_channel_contiguous_inputs(monkeypatch):
-    # stride 1 on the channels, or SDPA falls back from the fused kernels to float32 maths
-    seen, real = [], F.scaled_dot_product_attention
-
-    def spy(q, k, v, *args, **kwargs):
-        seen.append([t.stride(-1) for t in (q, k, v)])
-        return real(q, k, v, *args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+def test_attention_hands_sdpa_channel_contiguous_inputs(sdpa_strides):
     x, ctx = torch.randn(2, 8, 4, 4), torch.randn(2, 3, 5)
     guided.AttentionBlock(8, num_head_channels=4, context_dim=5)(x, ctx)
     guided.AttentionBlock(8, num_head_channels=4, new_order=True)(x)
     guided.AttentionPool2d(4, 8, 4, 3)(x)
-    assert seen == [[1, 1, 1]] * 3
+    assert sdpa_strides == [[1, 1, 1]] * 3
 
 
 def test_host_to_device_keeps_cpu_tensors_as_they_are():
