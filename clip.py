@@ -419,6 +419,7 @@ class CLIP(nn.Module):
     def tokenizer(self):
         return get_tokenizer(self.cfg.bpe_path)
 
+    @torch.compiler.disable  # host-side string work: torch.compile would specialise on every caption
     def tokenize(self, texts, truncate=False, trim=False):
         """Texts -> (N, context_length) token ids on the model's device (see `tokenize`)."""
         tokenizer = self.tokenizer
@@ -473,26 +474,31 @@ class CLIP(nn.Module):
         batch's distinct captions as the columns (see the module docstring): each image's target is
         its caption, each caption's target is spread evenly over the images that carry it.
         """
-        image, captions = batch["image"], batch["caption"]
-        distinct = list(dict.fromkeys(captions))
-        if "" in distinct:
-            raise ValueError("CLIP learns from captions, and this batch has images without one "
-                             "(a folder without .txt captions?); give every image a caption")
-        column = {c: j for j, c in enumerate(distinct)}
-        target = host_to_device(torch.tensor([column[c] for c in captions]), image.device)  # (B,)
-        logits = self.rank_captions(image, distinct, truncate=True)  # (B, U)
+        image = batch["image"]
+        tokens, target = self.caption_targets(batch["caption"], image.device)  # (U, L), (B,)
+        logits, _ = self(image, tokens)  # (B, U)
         loss_i2t = F.cross_entropy(logits, target)
-        owners = F.one_hot(target, len(distinct)).T.to(logits.dtype)  # (U, B)
+        owners = F.one_hot(target, tokens.shape[0]).T.to(logits.dtype)  # (U, B)
         loss_t2i = F.cross_entropy(logits.T, owners / owners.sum(1, keepdim=True))
         acc = (logits.argmax(dim=1) == target).float().mean()
         return {"loss": (loss_i2t + loss_t2i) / 2, "loss_i2t": loss_i2t, "loss_t2i": loss_t2i,
                 "retrieval_top1": acc, "logit_scale": self.scale().detach()}
 
+    @torch.compiler.disable  # host-side string work, as `tokenize`
+    def caption_targets(self, captions, device):
+        """A batch's B captions -> (token ids (U, L) of its U distinct captions, target (B,): the
+        column of each image's caption among them)."""
+        distinct = list(dict.fromkeys(captions))
+        if "" in distinct:
+            raise ValueError("CLIP learns from captions, and this batch has images without one "
+                             "(a folder without .txt captions?); give every image a caption")
+        column = {c: j for j, c in enumerate(distinct)}
+        target = host_to_device(torch.tensor([column[c] for c in captions]), device)  # (B,)
+        return self.tokenize(distinct, truncate=True, trim=True), target
+
     def rank_captions(self, image, captions, truncate=False):
         """Scaled cosine similarities of B images with K captions, (B, K)."""
-        z_i = F.normalize(self.encode_image(image), dim=-1)  # (B, D)
-        z_t = F.normalize(self.encode_text(self.tokenize(captions, truncate=truncate, trim=True)), dim=-1)  # (K, D)
-        return self.scale() * z_i @ z_t.T  # (B, K)
+        return self(image, self.tokenize(captions, truncate=truncate, trim=True))[0]  # (B, K)
 
     @torch.no_grad()
     def retrieval_accuracy(self, image, captions, candidates=None):

@@ -536,6 +536,7 @@ class DALLE(nn.Module):
 
     # --- text tokens ---
 
+    @torch.compiler.disable  # host-side string work: torch.compile would specialise on every caption
     def tokenize(self, captions: list[str], strict: bool = False) -> torch.Tensor:
         """Captions -> text-stream ids (B, text_len): [start-of-text, bytes of the lowercased caption, pads].
 

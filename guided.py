@@ -744,6 +744,7 @@ class ADM(nn.Module):
     def forward(self, x_t, t, **kwargs):
         return self.unet(x_t, t, **kwargs)
 
+    @torch.compiler.disable  # host-side string work: torch.compile would specialise on every caption
     def _text(self, captions, device):
         tokens, mask = tokenize(captions, self.config.text_ctx)
         return host_to_device(tokens, device), host_to_device(mask, device)

@@ -552,6 +552,7 @@ class Decoder(nn.Module):
         ctx = self.to_tokens(z).view(B, self.cfg.context_tokens, self.width)  # (B, 4, W)
         return self.unet(x_t, t, cond=z, context=ctx, tokens=tokens, mask=mask)
 
+    @torch.compiler.disable  # host-side string work: torch.compile would specialise on every caption
     def tokenize(self, captions, device):
         """Captions -> the UNet's (tokens, mask), or (None, None) without a text encoder."""
         if not self.cfg.unet.xf_width:
@@ -564,13 +565,17 @@ class Decoder(nn.Module):
         z_i set to zero 10% of the time and the caption dropped (empty) 50% of the time."""
         B = x_0.shape[0]
         keep_z = (torch.rand(B, device=x_0.device) >= self.cfg.z_drop).to(z_i.dtype)
-        drop_y = torch.rand(B).tolist()
-        captions = ["" if r < self.cfg.text_drop else c for r, c in zip(drop_y, captions)]
-        tokens, mask = self.tokenize(captions, x_0.device)
+        tokens, mask = self.drop_and_tokenize(captions, x_0.device)
         t = torch.randint(0, self.diffusion.num_timesteps, (B,), device=x_0.device)
         terms = self.diffusion.training_losses(self, x_0, t, model_kwargs={
             "z_i": z_i * keep_z[:, None], "tokens": tokens, "mask": mask})
         return {k: v.mean() for k, v in terms.items()}
+
+    @torch.compiler.disable  # host-side string work, as `tokenize`
+    def drop_and_tokenize(self, captions, device):
+        """Each caption made empty with probability text_drop (drawn on the host), then tokenized."""
+        drop = torch.rand(len(captions)).tolist()
+        return self.tokenize(["" if r < self.cfg.text_drop else c for r, c in zip(drop, captions)], device)
 
     def guided_model(self, z_i, captions, guidance_scale):
         """(model, model_kwargs) for the samplers: classifier-free guidance against the model with
@@ -763,9 +768,10 @@ class UnCLIP(nn.Module):
     @torch.no_grad()
     def embed_text(self, captions):
         """Captions -> unit-norm z_t (B, D)."""
-        tokens = self.clip.tokenize(list(captions), truncate=True, trim=True)
+        tokens = self.clip.tokenize(captions, truncate=True, trim=True)
         return F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
 
+    @torch.compiler.disable  # host-side string work: torch.compile would specialise on every caption
     def prior_text(self, captions):
         """Captions -> the prior's caption tokens (B, text_ctx), CLIP's tokenizer."""
         ctx = self.prior.cfg.text_ctx

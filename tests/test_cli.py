@@ -196,3 +196,29 @@ def test_learning_rate_warmup_then_constant_or_cosine():
     assert train.learning_rate(hp, 109) < 1e-3  # cosine decay reaches 0 at the last step
     assert train.learning_rate({**hp, "lr_schedule": "constant"}, 109) == pytest.approx(2.0)
     assert train.learning_rate({k: v for k, v in hp.items() if k != "lr_schedule"}, 60) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("name,phase", [("clip", "main"), ("glide", "base"), ("dalle", "transformer"),
+                                        ("unclip", "prior"), ("unclip", "decoder")])
+def test_compiled_training_step_is_not_recompiled_for_each_batch_of_captions(name, phase):
+    """`train.py --compile` compiles the training step with the batch's captions among its inputs.
+    The models turn captions into tensors in functions torch.compile does not trace; were it to
+    trace them it would specialise on the strings and compile again for every batch. Only a
+    changing shape may recompile (CLIP's count of distinct captions and token width: at most once
+    each, after which those sizes are symbolic). Dynamo's eager backend: tracing and guards are
+    what is tested, without building kernels."""
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    cfg = train.presets(name)["tiny"]
+    model = train.model_class(name)(cfg)
+    data = train.ShapesDataset(36, cfg.image_size, seed=1)
+    step = torch.compile(train.Objective(model, phase), backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    frames = []
+    for i in range(6):
+        batch = torch.utils.data.default_collate([data[j] for j in range(6 * i, 6 * i + 6)])
+        step(batch)["loss"].backward()
+        frames.append(counters["frames"]["total"])
+    assert len({tuple(data[j]["caption"] for j in range(6 * i, 6 * i + 6)) for i in range(6)}) == 6
+    assert frames[-1] - frames[0] <= 2, frames
