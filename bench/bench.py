@@ -3,6 +3,7 @@
     python bench/bench.py                   # the default set for the device (CUDA if visible)
     python bench/bench.py --device cpu      # the CPU set: small batches, few steps
     python bench/bench.py --only ddpm-cifar10 --precisions bf16 --modes eager,compile
+    python bench/bench.py --device cpu --only clip/tiny,unclip/tiny/decoder --precisions fp32
 
 Prints one table row per case: training throughput (images/s, optimizer step included) and peak
 memory at a batch size, in fp32 and bf16, eager and under torch.compile; then the latency of
@@ -11,7 +12,9 @@ configuration (the same 35,746,307 parameters) and timed in the same process wit
 optimizer and step count, when diffusers is installed (it is an optional dependency of this script
 only). On CUDA it also measures the bf16 matmul throughput of the GPU and the model FLOP
 utilisation (MFU) of the adm-imagenet64 training step, with FLOPs counted by
-torch.utils.flop_counter.
+torch.utils.flop_counter. The models that read captions (CLIP, GLIDE, DALL-E, unCLIP's parts) are
+timed too, on the shapes data's images and captions, through train.py's training objective (so
+`compile` is what `train.py --compile` does), without a diffusers counterpart.
 
 Each case runs in its own subprocess, so peak memory and compile caches do not leak between cases.
 On CUDA the cases run in order of the issue's targets first (the ddpm-cifar10 bf16 pairs, then the
@@ -43,12 +46,22 @@ DIFFUSERS_DDPM_CIFAR10 = dict(  # google/ddpm-cifar10-32, Ho et al.'s CIFAR-10 m
     norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, dropout=0.1,
     attention_head_dim=None)
 
-# preset -> (train.py model name, batch on CUDA, batch on CPU)
+# case -> (train.py model name, preset, phase, batch on CUDA, batch on CPU). The diffusion
+# presets are compared with diffusers; the models that read captions train on the shapes data's
+# images and captions (their own presets: CLIP ViT-B/32 and GLIDE's base on a GPU, the CPU-sized
+# DALL-E and unCLIP parts, whose paper sizes do not fit one device with AdamW).
 CASES = {
-    "ddpm-cifar10": ("ddpm", 128, 8),
-    "iddpm-cifar10": ("ddpm", 128, 8),
-    "adm-imagenet64": ("adm", 32, 2),
+    "ddpm-cifar10": ("ddpm", "ddpm-cifar10", "main", 128, 8),
+    "iddpm-cifar10": ("ddpm", "iddpm-cifar10", "main", 128, 8),
+    "adm-imagenet64": ("adm", "adm-imagenet64", "main", 32, 2),
+    "clip/vit-b-32": ("clip", "vit-b-32", "main", 256, 4),
+    "glide/base": ("glide", "glide", "base", 32, 2),
+    "clip/tiny": ("clip", "tiny", "main", 128, 128),
+    "dalle/tiny/transformer": ("dalle", "tiny", "transformer", 32, 32),
+    "unclip/tiny/prior": ("unclip", "tiny", "prior", 32, 32),
+    "unclip/tiny/decoder": ("unclip", "tiny", "decoder", 16, 16),
 }
+DIFFUSION = ("ddpm-cifar10", "iddpm-cifar10", "adm-imagenet64")  # the cases with a DDIM sampler
 
 
 def have_diffusers():
@@ -82,13 +95,33 @@ class DiffusersEps(torch.nn.Module):
         return {"loss": F.mse_loss(self.net(x_t, t).sample.float(), eps)}
 
 
-def build(impl, preset):
+def build(impl, case_key):
+    """(model, image side, loss function of a batch) for one implementation of a case."""
     import train
     if impl == "diffusers":
-        return DiffusersEps(), 32
-    name = CASES[preset][0]
+        model = DiffusersEps()
+        return model, 32, model.loss
+    name, preset, phase = CASES[case_key][:3]
     cfg = train.presets(name)[preset]
-    return train.model_class(name)(cfg), cfg.image_size
+    model = train.model_class(name)(cfg)
+    if phase != "main":  # as train.py: only this phase's part trains
+        model.requires_grad_(False)
+        model.phase_module(phase).requires_grad_(True)
+    return model, cfg.image_size, train.Objective(model, phase)
+
+
+def make_batch(model, case_key, B, S, device, fmt):
+    """B training images (and labels, captions): the shapes data for the models that read captions
+    (their loss needs real ones), uniform noise for the diffusion presets (as diffusers' row)."""
+    import train
+    if case_key in DIFFUSION:
+        x = (torch.rand(B, 3, S, S, device=device) * 2 - 1).contiguous(memory_format=fmt)
+        return {"image": x, "label": torch.zeros(B, dtype=torch.long, device=device), "caption": [""] * B}
+    name, preset, phase = CASES[case_key][:3]
+    extra = getattr(model, "extra_image_sizes", lambda c, p: ())(train.presets(name)[preset], phase)
+    data = train.ShapesDataset(B, S, seed=0, extra_sizes=tuple(extra))
+    batch = torch.utils.data.default_collate([data[i] for i in range(B)])
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def case_name(case):
@@ -114,18 +147,15 @@ def run_case(case):
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True  # as train.py on CUDA: fixed shapes, so autotune convs
     impl, preset, prec, mode, B = (case[k] for k in ("impl", "preset", "precision", "mode", "batch"))
-    model, S = build(impl, preset)
+    model, S, loss_fn = build(impl, preset)
     model.to(device).train()
     fmt = memory_format(impl)
     model.to(memory_format=fmt)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
-    x = (torch.rand(B, 3, S, S, device=device) * 2 - 1).contiguous(memory_format=fmt)
-    batch = {"image": x, "label": torch.zeros(B, dtype=torch.long, device=device),
-             "caption": [""] * B}
-    loss_fn = model.loss
+    batch = make_batch(model, preset, B, S, device, fmt)
     if mode == "compile":
-        loss_fn = torch.compile(model.loss)
+        loss_fn = torch.compile(loss_fn)
     ac = torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16")
 
     def step():
@@ -164,7 +194,7 @@ def time_training(case, model, step, batch, ac, sync, device, B):
         from torch.utils.flop_counter import FlopCounterMode
         with FlopCounterMode(display=False) as fc:
             with ac:
-                loss = model.loss(batch)["loss"]
+                loss = model.loss(batch)["loss"]  # (the flops case is adm-imagenet64: one phase)
             loss.backward()
         out["flops_per_step"] = fc.get_total_flops()
         out["achieved_tflops"] = out["flops_per_step"] / dt / 1e12
@@ -277,6 +307,8 @@ def priority(case):
         return 5
     if not train:
         return 6                                          # diffusers' compiled DDIM loop
+    if p not in DIFFUSION:
+        return 9                                          # the models that read captions
     return 7 if p == "iddpm-cifar10" and pr == "bf16" else 8
 
 
@@ -291,7 +323,7 @@ def cases_for(args):
                 continue
             for prec in args.precisions.split(","):
                 for mode in args.modes.split(","):
-                    B = args.batch or CASES[preset][1 if cuda else 2]
+                    B = args.batch or CASES[preset][3 if cuda else 4]
                     case = dict(impl=impl, preset=preset, precision=prec, mode=mode, batch=B,
                                 device=args.device, warmup=args.warmup or (5 if cuda else 1),
                                 steps=args.steps or (20 if cuda else 3))
@@ -314,19 +346,19 @@ def cases_for(args):
 def fmt_row(row):
     val = lambda k, f: format(row[k], f) if k in row else "-"
     mfu = f"{100 * row['mfu']:.0f}%" if "mfu" in row else "-"
-    return (f"{row['impl']:9} {row['preset']:15} {row['precision']:5} {row['mode']:8} "
+    return (f"{row['impl']:9} {row['preset']:22} {row['precision']:5} {row['mode']:8} "
             f"{row['batch']:5d} {val('img_per_s', '.1f'):>8} {val('step_ms', '.1f'):>8} "
             f"{val('peak_mb', '.0f'):>8} {val('ddim_ms', '.1f'):>10} {mfu:>6}")
 
 
-HEADER = (f"{'impl':9} {'preset':15} {'prec':5} {'mode':8} {'batch':>5} {'img/s':>8} "
+HEADER = (f"{'impl':9} {'preset':22} {'prec':5} {'mode':8} {'batch':>5} {'img/s':>8} "
           f"{'step ms':>8} {'peak MB':>8} {'ddim25 ms':>10} {'MFU':>6}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--only", default=None, help="comma-separated presets (default: all)")
+    p.add_argument("--only", default=None, help=f"comma-separated cases (default: all): {', '.join(CASES)}")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--modes", default="eager,compile")
     p.add_argument("--batch", type=int, default=None)
@@ -347,6 +379,9 @@ def main():
     if args.case:
         print("RESULT " + json.dumps(run_case(json.loads(args.case))), flush=True)
         return
+    unknown = [k for k in (args.only or "").split(",") if k and k not in CASES]
+    if unknown:
+        sys.exit(f"error: unknown case {unknown[0]!r}; the cases are {', '.join(CASES)}")
     t_start = time.time()
     print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, diffusers: "
@@ -370,7 +405,7 @@ def main():
         except subprocess.TimeoutExpired:
             line, err = None, f"timed out after {args.case_timeout:.0f} s"
         if line is None:
-            print(f"{case['impl']:9} {case['preset']:15} {case['precision']:5} {case['mode']:8} "
+            print(f"{case['impl']:9} {case['preset']:22} {case['precision']:5} {case['mode']:8} "
                   f"failed: {err}", flush=True)
             continue
         row = json.loads(line[7:])
