@@ -668,6 +668,7 @@ class Upsampler(nn.Module):
     def forward(self, x_t, t, low_res):
         return self.unet(x_t, t, low_res=low_res)
 
+    @torch.compiler.disable  # random choices drawn on the host: torch.compile would specialise on each draw
     def degrade(self, lo):
         if self.cfg.degradation == "blur":
             return blur(lo, 0.6, 3)

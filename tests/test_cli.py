@@ -199,11 +199,12 @@ def test_learning_rate_warmup_then_constant_or_cosine():
 
 
 @pytest.mark.parametrize("name,phase", [("clip", "main"), ("glide", "base"), ("dalle", "transformer"),
-                                        ("unclip", "prior"), ("unclip", "decoder")])
+                                        ("unclip", "prior"), ("unclip", "decoder"), ("unclip", "upsampler2")])
 def test_compiled_training_step_is_not_recompiled_for_each_batch_of_captions(name, phase):
     """`train.py --compile` compiles the training step with the batch's captions among its inputs.
     The models turn captions into tensors in functions torch.compile does not trace; were it to
-    trace them it would specialise on the strings and compile again for every batch. Only a
+    trace them it would specialise on the strings and compile again for every batch (so would it
+    on the host-drawn random choices of unCLIP's second upsampler's degradation). Only a
     changing shape may recompile (CLIP's count of distinct captions and token width: at most once
     each, after which those sizes are symbolic). Dynamo's eager backend: tracing and guards are
     what is tested, without building kernels."""
