@@ -120,8 +120,7 @@ def make_batch(model, case_key, B, S, device, fmt):
     name, preset, phase = CASES[case_key][:3]
     extra = getattr(model, "extra_image_sizes", lambda c, p: ())(train.presets(name)[preset], phase)
     data = train.ShapesDataset(B, S, seed=0, extra_sizes=tuple(extra))
-    batch = torch.utils.data.default_collate([data[i] for i in range(B)])
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return train.to_device(torch.utils.data.default_collate([data[i] for i in range(B)]), device)
 
 
 def case_name(case):
@@ -154,6 +153,7 @@ def run_case(case):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
     batch = make_batch(model, preset, B, S, device, fmt)
+    eager_loss = loss_fn  # FLOPs are counted on the eager step
     if mode == "compile":
         loss_fn = torch.compile(loss_fn)
     ac = torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16")
@@ -168,13 +168,13 @@ def run_case(case):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = {**case, "params": sum(p.numel() for p in model.parameters())}
     if case.get("train", True):
-        out.update(time_training(case, model, step, batch, ac, sync, device, B))
+        out.update(time_training(case, eager_loss, step, batch, ac, sync, device, B))
     if case.get("sample_n"):
         out.update(time_ddim(impl, model, S, case, device, ac, sync))
     return out
 
 
-def time_training(case, model, step, batch, ac, sync, device, B):
+def time_training(case, loss_fn, step, batch, ac, sync, device, B):
     for _ in range(case["warmup"]):
         step()
     sync()
@@ -194,7 +194,7 @@ def time_training(case, model, step, batch, ac, sync, device, B):
         from torch.utils.flop_counter import FlopCounterMode
         with FlopCounterMode(display=False) as fc:
             with ac:
-                loss = model.loss(batch)["loss"]  # (the flops case is adm-imagenet64: one phase)
+                loss = loss_fn(batch)["loss"]
             loss.backward()
         out["flops_per_step"] = fc.get_total_flops()
         out["achieved_tflops"] = out["flops_per_step"] / dt / 1e12
