@@ -142,6 +142,7 @@ def denoiser(impl, model):
 # --- one case, in a subprocess ---
 
 def run_case(case):
+    import train
     device = torch.device(case["device"])
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True  # as train.py on CUDA: fixed shapes, so autotune convs
@@ -151,7 +152,7 @@ def run_case(case):
     fmt = memory_format(impl)
     model.to(memory_format=fmt)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
+    opt = train.adamw(params, 1e-4, 0.0, device)
     batch = make_batch(model, preset, B, S, device, fmt)
     eager_loss = loss_fn  # FLOPs are counted on the eager step
     if mode == "compile":

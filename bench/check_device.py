@@ -38,7 +38,7 @@ def host_syncs(fn):
 def training_step(model, phase, module, batch, device):
     """One step as train.py takes it, as a closure."""
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
+    opt = train.adamw(params, 1e-4, 0.0, device)
     ema = train.EMA(module, 0.999)
     objective = train.Objective(model, phase)
 
