@@ -62,12 +62,6 @@ Deviations from the paper, said openly
   red or green). Measured on the tiny DDPM after 400 steps, the per-image mean error of x_0_hat at
   t = 800 / 950 was 0.62 / 2.49 with eps and 0.13 / 0.13 with v, which predicts the image itself
   where the noise is large. The paper presets keep eps.
-- The tiny preset's decoder weights its MSE term by Min-SNR-5 (Hang et al. 2023), bounded below
-  by 0.25 (`DecoderConfig.min_snr`, `min_snr_floor`), and trains at lr 2e-3 (train.py). Relative
-  to the plain v loss this moves weight from the noisiest and the least noisy steps to the middle
-  ones, where the outline of the shape is decided. On 192 test captions (true z_i, 32x32, 1500
-  steps) the decoder drew the caption's shape 61% of the time against 44% without it (50% with the
-  lr alone). The paper presets keep the paper's unweighted loss.
 - The decoder multiplies the unit-norm z_i by sqrt(D) before its two projections (unit variance
   per coordinate, the scale a linear layer's initialisation expects); the paper does not say how
   z_i enters. Without it the tiny decoder ignored position for its whole run (see `Decoder`).
@@ -147,8 +141,6 @@ class DecoderConfig:
     text_drop: float = 0.5  # probability the caption is dropped in training (section 2.1)
     sample_steps: int = 250  # default strided sampling steps (appendix C)
     prediction: str = "eps"  # what the UNet predicts: "eps" (GLIDE) or "v" (Salimans & Ho 2022)
-    min_snr: float = 0.0  # > 0: Min-SNR-gamma weighting of the MSE term (Hang et al. 2023; not in the paper)
-    min_snr_floor: float = 0.0  # lower bound of that weight, so the high-noise steps still train
 
 
 def _upsampler_unet(**kw):
@@ -208,8 +200,7 @@ def _tiny():
         decoder=DecoderConfig(unet=guided.ADMConfig(
             image_size=32, model_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(8,),
             num_head_channels=32, norm_groups=8, learn_sigma=True, cond_dim=64, text_ctx=48, xf_width=64,
-            xf_layers=1, xf_heads=2, noise_schedule="cosine", p_uncond=0.0), sample_steps=50, prediction="v",
-            min_snr=5.0, min_snr_floor=0.25),
+            xf_layers=1, xf_heads=2, noise_schedule="cosine", p_uncond=0.0), sample_steps=50, prediction="v"),
         upsampler1=UpsamplerConfig(unet=guided.ADMConfig(
             image_size=64, low_res_size=32, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8,
             attention_resolutions=(), num_head_channels=-1, learn_sigma=False, noise_schedule="cosine",
@@ -578,22 +569,7 @@ class Decoder(nn.Module):
         t = torch.randint(0, self.diffusion.num_timesteps, (B,), device=x_0.device)
         terms = self.diffusion.training_losses(self, x_0, t, model_kwargs={
             "z_i": z_i * keep_z[:, None], "tokens": tokens, "mask": mask})
-        if self.cfg.min_snr > 0:
-            terms["mse"] = terms["mse"] * self.min_snr_weight(t).to(terms["mse"].dtype)
-            terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return {k: v.mean() for k, v in terms.items()}
-
-    def min_snr_weight(self, t):
-        """Min-SNR-gamma weight of the MSE term at steps t (B,) (Hang et al. 2023, arXiv:2303.09556):
-        with SNR(t) = alpha_bar_t / (1 - alpha_bar_t), the x_0 error is weighted min(SNR, gamma),
-        which on the eps loss is min(SNR, gamma) / SNR and on the v loss min(SNR, gamma) / (SNR + 1).
-        Here it is bounded below by `min_snr_floor`: without the floor the high-noise steps, which
-        place the shape in the image, nearly stop training, and the tiny decoder put shapes in the
-        wrong cell (11% right). Not in the paper; on in the tiny preset (see the module docstring)."""
-        alpha_bar = self.diffusion.alpha_bar.to(t.device)[t]                   # (B,) float64
-        snr = alpha_bar / (1 - alpha_bar)
-        w = snr.clamp(max=self.cfg.min_snr) / (snr + 1 if self.cfg.prediction == "v" else snr)
-        return w.clamp(min=self.cfg.min_snr_floor).float()
 
     @torch.compiler.disable  # host-side string work, as `tokenize`
     def drop_and_tokenize(self, captions, device):

@@ -213,50 +213,6 @@ def test_decoder_feeds_z_i_at_unit_variance(monkeypatch):
     assert abs(seen["cond"].pow(2).mean().item() - 1.0) < 1e-5  # unit variance per coordinate
 
 
-def test_decoder_min_snr_weighting():
-    """Min-SNR-gamma (Hang et al. 2023) with a floor: the weight of the MSE term, per step, is
-    max(min(SNR, gamma) / (SNR + 1), floor) for v (SNR in place of SNR + 1 for eps); the decoder's
-    loss is the unweighted one times it, the variance term untouched; gamma 0 leaves the loss as is."""
-    cfg = tiny_config().decoder
-    assert unclip.PRESETS["tiny"].decoder.min_snr == 5.0 and unclip.PRESETS["tiny"].decoder.min_snr_floor == 0.25
-    assert unclip.PRESETS["unclip"].decoder.min_snr == 0.0  # the paper's loss
-    t = torch.arange(0, 1000, 25)
-    for prediction, denom in (("v", lambda snr: snr + 1), ("eps", lambda snr: snr)):
-        dec = unclip.Decoder(replace(cfg, prediction=prediction, min_snr=5.0, min_snr_floor=0.25), D)
-        a = dec.diffusion.alpha_bar[t]
-        snr = a / (1 - a)
-        want = (snr.clamp(max=5.0) / denom(snr)).clamp(min=0.25).float()
-        torch.testing.assert_close(dec.min_snr_weight(t), want)
-        assert want.max() <= 1.0 and want.min() == 0.25 and len(set(want.tolist())) > 2  # bounded, not constant
-    torch.manual_seed(0)
-    plain = unclip.Decoder(replace(cfg, min_snr=0.0), D)
-    weighted = unclip.Decoder(replace(cfg, min_snr=5.0, min_snr_floor=0.25), D)
-    weighted.load_state_dict(plain.state_dict())
-    x_0 = torch.rand(8, 3, 16, 16) * 2 - 1
-    z = torch.nn.functional.normalize(torch.randn(8, D), dim=-1)
-    caps = ["a large red circle at the top"] * 8
-    seen = []
-    for dec in (plain, weighted):
-        orig = dec.diffusion.training_losses
-
-        def spy(model, x, t, orig=orig, **kw):  # the per-example terms before the decoder weights them
-            terms = orig(model, x, t, **kw)
-            seen.append((t, {k: v.clone() for k, v in terms.items()}))
-            return terms
-
-        dec.diffusion.training_losses = spy
-        torch.manual_seed(1)  # the same draws of t, noise and dropout for both
-        out = dec.loss(x_0, z, caps)
-        seen[-1] = (*seen[-1], out)
-    (t, raw, p), (t_w, raw_w, w) = seen
-    assert torch.equal(t, t_w)
-    torch.testing.assert_close(raw["mse"], raw_w["mse"])  # same model, same draws
-    torch.testing.assert_close(p["mse"], raw["mse"].mean())  # gamma 0: unweighted
-    torch.testing.assert_close(w["mse"], (raw["mse"] * weighted.min_snr_weight(t)).mean())
-    torch.testing.assert_close(w["vb"], p["vb"])  # the variance term is not weighted
-    torch.testing.assert_close(w["loss"], w["mse"] + w["vb"])
-
-
 def test_upsamplers_are_convolutional_and_degrade():
     torch.manual_seed(0)
     cfg = tiny_config()
