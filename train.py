@@ -1011,6 +1011,8 @@ def run_training(args, overrides):
                 if not (run / ckpt_name(model, ph)).exists():
                     raise UsageError(f"--phase {args.phase} needs phase {ph} first: "
                                      f"python train.py {name} --out {run} --phase {ph}")
+        if d.on:  # every rank has checked the run directory before rank 0 writes into it: a slower
+            dist.barrier()  # rank would otherwise find the new run.json and refuse ("already holds a run")
         if d.rank == 0:
             run.mkdir(parents=True, exist_ok=True)
             if not existing:

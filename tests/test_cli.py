@@ -175,10 +175,25 @@ def test_ctrl_c_saves_and_resumes(tmp_path):
 
 
 def test_two_process_ddp_on_cpu(tmp_path):
+    """Two gloo ranks train together; only rank 0 prints and writes. Rank 1 is made to reach the
+    run-directory check 2 s late (as on a loaded machine): it must still find no run there, not
+    the run.json rank 0 is about to write (which once failed it with "already holds a run")."""
     run = tmp_path / "ddp"
+    late = tmp_path / "late_rank1.py"
+    late.write_text(
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import train\n"
+        "check = train.resolve_run\n"
+        "def late(*a, **k):\n"
+        "    if os.environ['LOCAL_RANK'] == '1':\n"
+        "        time.sleep(2)\n"
+        "    return check(*a, **k)\n"
+        "train.resolve_run = late\n"
+        "sys.exit(train.main())\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29571", "train.py", "vae", *SMALL, "--steps", "4",
+                        "--master_port", "29571", str(late), "vae", *SMALL, "--steps", "4",
                         "--device", "cpu", "--out", str(run)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
