@@ -128,9 +128,10 @@ class ShapesDataset(torch.utils.data.Dataset):
 
 
 def pil_to_tensor(img):
-    """PIL RGB -> (3, H, W) float in [-1, 1]."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return x.float() / 127.5 - 1
+    """PIL RGB -> (3, H, W) float in [-1, 1], contiguous (one float copy, scaled in place: the
+    shapes data make 128 of these a CLIP step, and this is half the cost of the old three copies)."""
+    x = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32, order="C")  # (3, H, W)
+    return torch.from_numpy(x).div_(127.5).sub_(1)
 
 
 def parse_caption(caption):
