@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+import data
 import train
-from train import UsageError
+from data import UsageError
 
 # flag -> (keyword of model.sample / model.evaluate, type, help). Models take what they need.
 SAMPLE_FLAGS = {
@@ -201,12 +202,12 @@ def free_path(run, stem):
 
 
 def test_batches(info, config, n, batch_size, device):
-    ds = train.make_dataset(info["data"], "test", config.get("image_size", 32))
+    ds = data.make_dataset(info["data"], "test", config.get("image_size", 32))
     n = len(ds) if n is None or n < 0 else min(n, len(ds))
     in_ch = config.get("in_channels", 3)
     for i in range(0, n, batch_size):
         items = [ds[j] for j in range(i, min(n, i + batch_size))]
-        yield train.to_device(torch.utils.data.default_collate(items), device, in_ch)
+        yield data.to_device(torch.utils.data.default_collate(items), device, in_ch)
 
 
 def run(args):
@@ -245,7 +246,7 @@ def run(args):
         with torch.inference_mode(), ac:
             x_hat = model.reconstruct(batch["image"]).float()
         out = Path(args.out) if args.out else free_path(run_dir, f"recon_s{args.seed}")
-        train.save_grid(train.interleave(batch["image"], x_hat), out,
+        data.save_grid(train.interleave(batch["image"], x_hat), out,
                         nrow=2 * max(1, math.ceil(math.sqrt(args.n / 2))))
         print(f"wrote {out}: {len(x_hat)} test images beside their reconstructions")
         return 0
@@ -270,7 +271,7 @@ def run(args):
         if not info["data"].startswith("shapes"):
             raise UsageError("--eval-captions judges shapes images; this model was trained on "
                              f"{info['data']}")
-        ds = train.make_dataset("shapes", "test", info["config"].get("image_size", 32))
+        ds = data.make_dataset("shapes", "test", info["config"].get("image_size", 32))
         captions = [ds[i]["caption"] for i in range(min(args.eval_captions, len(ds)))]
         images = []
         with no_grad_mode(kw), ac:
@@ -278,12 +279,12 @@ def run(args):
                 chunk = captions[i:i + args.batch_size]
                 images.append(model.sample(len(chunk), **{**kw, "prompt": chunk}).float().cpu())
         images = torch.cat(images)
-        acc = train.caption_accuracy(images, captions)
+        acc = data.caption_accuracy(images, captions)
         print(f"{info['model']}: {len(captions)} shapes test captions, judged from the pixels:")
         for k, v in acc.items():
             print(f"  {k}: {100 * v:.1f}%")
         out = Path(args.out) if args.out else free_path(run_dir, f"eval_captions_s{args.seed}")
-        train.save_grid(images[:64], out)
+        data.save_grid(images[:64], out)
         print(f"  time: {time.time() - t0:.1f}s; first 64 images in {out}")
         return 0
     try:
@@ -294,7 +295,7 @@ def run(args):
     except ValueError as e:
         raise UsageError(str(e))
     out = Path(args.out) if args.out else free_path(run_dir, f"sample_s{args.seed}")
-    train.save_grid(images, out)
+    data.save_grid(images, out)
     print(f"wrote {out}: {args.n} samples in {time.time() - t0:.1f}s")
     return 0
 
@@ -304,7 +305,7 @@ def load_image(path, size):
     from PIL import Image
     try:
         with Image.open(path) as im:
-            return train.pil_to_tensor(train.center_crop_resize(im, size))
+            return data.pil_to_tensor(data.center_crop_resize(im, size))
     except (OSError, ValueError) as e:
         raise UsageError(f"{path}: cannot read this image ({type(e).__name__}); give a PNG or JPEG file")
 
@@ -324,7 +325,7 @@ def run_edit(args, model, info, mode, method_name, n_images, value, ac, t0):
         out = method(*images, *value[n_images:], args.n, **kw).float()
     grid = torch.cat([torch.stack(images).cpu(), out.cpu()])
     path = Path(args.out) if args.out else free_path(info["run"], f"{method_name}_s{args.seed}")
-    train.save_grid(grid, path, nrow=len(grid) if len(grid) <= 12 else None)
+    data.save_grid(grid, path, nrow=len(grid) if len(grid) <= 12 else None)
     print(f"wrote {path}: the input image(s), then {args.n} results, in {time.time() - t0:.1f}s")
     return 0
 

@@ -731,7 +731,7 @@ class UnCLIP(nn.Module):
 
     @staticmethod
     def extra_image_sizes(cfg, phase):
-        """Sides at which train.py's data sets also give each image of a phase's batches (key
+        """Sides at which the data sets of data.py also give each image of a phase's batches (key
         `image_{S}`): the decoder's, for the decoder. Its training targets are then made from the
         source at its side (for the shapes: drawn there, with hard edges) rather than shrunk from
         `image` with antialiasing, whose soft edges the small decoder learns to draw as rounded

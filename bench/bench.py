@@ -113,14 +113,15 @@ def build(impl, case_key):
 def make_batch(model, case_key, B, S, device, fmt):
     """B training images (and labels, captions): the shapes data for the models that read captions
     (their loss needs real ones), uniform noise for the diffusion presets (as diffusers' row)."""
+    import data
     import train
     if case_key in DIFFUSION:
         x = (torch.rand(B, 3, S, S, device=device) * 2 - 1).contiguous(memory_format=fmt)
         return {"image": x, "label": torch.zeros(B, dtype=torch.long, device=device), "caption": [""] * B}
     name, preset, phase = CASES[case_key][:3]
     extra = getattr(model, "extra_image_sizes", lambda c, p: ())(train.presets(name)[preset], phase)
-    data = train.ShapesDataset(B, S, seed=0, extra_sizes=tuple(extra))
-    return train.to_device(torch.utils.data.default_collate([data[i] for i in range(B)]), device)
+    shapes = data.ShapesDataset(B, S, seed=0, extra_sizes=tuple(extra))
+    return data.to_device(torch.utils.data.default_collate([shapes[i] for i in range(B)]), device)
 
 
 def case_name(case):

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import data  # noqa: E402
 import train  # noqa: E402
 
 
@@ -58,8 +59,8 @@ def check(name, device, n=4):
     cfg = train.presets(name)["tiny"]
     model = train.model_class(name)(cfg).to(device)
     S, C = getattr(cfg, "image_size", 32), getattr(cfg, "in_channels", 3)
-    ds = train.ShapesDataset(n, S)
-    batch = train.to_device(torch.utils.data.default_collate([ds[i] for i in range(n)]), device, C)
+    ds = data.ShapesDataset(n, S)
+    batch = data.to_device(torch.utils.data.default_collate([ds[i] for i in range(n)]), device, C)
     if getattr(cfg, "num_classes", 0) == 0:
         batch["label"] = torch.full_like(batch["label"], -1)
     report = []

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ddpm  # noqa: E402
-import train  # noqa: E402
+import data  # noqa: E402
 
 G, steps = int(sys.argv[1]), int(sys.argv[2])
 pred = sys.argv[3] if len(sys.argv) > 3 else "eps"
@@ -27,7 +27,7 @@ ddpm.norm = lambda c: nn.GroupNorm(math.gcd(G, c), c)
 torch.manual_seed(0)
 m = ddpm.DDPM(replace(ddpm.PRESETS["tiny"], prediction=pred))
 opt = torch.optim.AdamW(m.parameters(), 1e-3)
-ds = train.ShapesDataset(50000, 32)
+ds = data.ShapesDataset(50000, 32)
 test = torch.stack([ds[i]["image"] for i in range(49000, 49128)])  # never trained on
 g = torch.Generator().manual_seed(0)
 t0 = time.process_time()

@@ -1,10 +1,10 @@
 """How often guided samples show the requested shapes class: judged by the trained noisy classifier
-at t = 0 and by train.judge_shapes (shape and colour read from the pixels)."""
+at t = 0 and by data.judge_shapes (shape and colour read from the pixels)."""
 import argparse, json, sys, time
 from pathlib import Path
 import torch
 sys.path.insert(0, ".")
-import sample, train
+import data, sample
 
 p = argparse.ArgumentParser()
 p.add_argument("adm"); p.add_argument("classifier")
@@ -18,7 +18,7 @@ print(f"adm step {info['step']}, classifier step {cinfo['step']}", flush=True)
 K = model.config.num_classes
 out_dir = Path(a.adm) if Path(a.adm).is_dir() else Path(a.adm).parent  # the grids go beside the adm run
 labels = torch.arange(a.n) % K
-colors = list(train.COLORS)
+colors = list(data.COLORS)
 results = {}
 for s in a.settings.split(","):
     # cfgS: classifier-free scale S; clfS: classifier guidance of the unconditional model (null
@@ -34,8 +34,8 @@ for s in a.settings.split(","):
     with torch.no_grad():
         x = model.sample(a.n, **kw)
         pred = clf(x, torch.zeros(a.n, dtype=torch.long)).argmax(-1)
-    judged = train.judge_shapes(x)
-    want = [(train.SHAPES[int(y) // len(colors)], colors[int(y) % len(colors)]) for y in labels]
+    judged = data.judge_shapes(x)
+    want = [(data.SHAPES[int(y) // len(colors)], colors[int(y) % len(colors)]) for y in labels]
     col = sum(j is not None and j["color"] == w[1] for j, w in zip(judged, want)) / a.n
     shp = sum(j is not None and j["shape"] == w[0] for j, w in zip(judged, want)) / a.n
     both = sum(j is not None and (j["shape"], j["color"]) == w for j, w in zip(judged, want)) / a.n
@@ -43,4 +43,4 @@ for s in a.settings.split(","):
              judge_shape=shp, seconds=round(time.time() - t0))
     results[s] = r
     print(s, json.dumps(r), flush=True)
-    train.save_grid(x, out_dir / f"guided_eval_{s}.png", nrow=K)
+    data.save_grid(x, out_dir / f"guided_eval_{s}.png", nrow=K)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sample
+import data
 import train
 import vae
 from conftest import run_train, error_line
@@ -227,14 +228,14 @@ def test_compiled_training_step_is_not_recompiled_for_each_batch_of_captions(nam
     torch.manual_seed(0)
     cfg = train.presets(name)["tiny"]
     model = train.model_class(name)(cfg)
-    data = train.ShapesDataset(36, cfg.image_size, seed=1)
+    shapes = data.ShapesDataset(36, cfg.image_size, seed=1)
     step = torch.compile(train.Objective(model, phase), backend="eager")
     torch._dynamo.reset()
     counters.clear()
     frames = []
     for i in range(6):
-        batch = torch.utils.data.default_collate([data[j] for j in range(6 * i, 6 * i + 6)])
+        batch = torch.utils.data.default_collate([shapes[j] for j in range(6 * i, 6 * i + 6)])
         step(batch)["loss"].backward()
         frames.append(counters["frames"]["total"])
-    assert len({tuple(data[j]["caption"] for j in range(6 * i, 6 * i + 6)) for i in range(6)}) == 6
+    assert len({tuple(shapes[j]["caption"] for j in range(6 * i, 6 * i + 6)) for i in range(6)}) == 6
     assert frames[-1] - frames[0] <= 2, frames

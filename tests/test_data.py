@@ -1,4 +1,4 @@
-"""The data sets of train.py: the built-in shapes, folders, MNIST and CIFAR-10 files."""
+"""The data sets of data.py: the built-in shapes, folders, MNIST and CIFAR-10 files."""
 import gzip
 import pickle
 import warnings
@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-import train
-from train import ShapesDataset
+import data
+from data import ShapesDataset
 
 
 def test_shapes_items_and_determinism():
@@ -27,10 +27,10 @@ def test_shapes_items_and_determinism():
 def test_shapes_pixels_are_black_or_the_pure_colour():
     for i in range(30):
         item = ShapesDataset(30, 32)[i]
-        a = train.parse_caption(item["caption"])
+        a = data.parse_caption(item["caption"])
         px = ((item["image"] + 1) * 127.5).round().long().reshape(3, -1).T
         colours = {tuple(p.tolist()) for p in px}
-        assert colours == {(0, 0, 0), train.COLORS[a["color"]]}
+        assert colours == {(0, 0, 0), data.COLORS[a["color"]]}
 
 
 def test_shapes_extra_sizes_draw_the_same_shape_natively():
@@ -40,9 +40,9 @@ def test_shapes_extra_sizes_draw_the_same_shape_natively():
         assert torch.equal(item["image"], big[i]["image"])  # asking for more leaves `image` alone
         x = item["image_32"]
         assert x.shape == (3, 32, 32)
-        a = train.parse_caption(item["caption"])
+        a = data.parse_caption(item["caption"])
         px = ((x + 1) * 127.5).round().long().reshape(3, -1).T  # hard edges: no antialiased greys
-        assert {tuple(p.tolist()) for p in px} == {(0, 0, 0), train.COLORS[a["color"]]}
+        assert {tuple(p.tolist()) for p in px} == {(0, 0, 0), data.COLORS[a["color"]]}
         mask_big, mask = (item["image"].max(0).values > 0), (x.max(0).values > 0)
         ys, xs = mask_big.nonzero(as_tuple=True)
         ys32, xs32 = mask.nonzero(as_tuple=True)
@@ -52,7 +52,7 @@ def test_shapes_extra_sizes_draw_the_same_shape_natively():
 
 def test_to_device_carries_every_rendering():
     b = torch.utils.data.default_collate([ShapesDataset(4, 64, extra_sizes=(32,))[i] for i in range(2)])
-    out = train.to_device(b, "cpu", in_channels=1)  # grayscale models get the channel mean of each
+    out = data.to_device(b, "cpu", in_channels=1)  # grayscale models get the channel mean of each
     assert out["image"].shape == (2, 1, 64, 64) and out["image_32"].shape == (2, 1, 32, 32)
     assert torch.equal(out["image_32"], b["image_32"].mean(1, keepdim=True))
     assert out["caption"] == list(b["caption"]) and torch.equal(out["label"], b["label"])
@@ -60,9 +60,9 @@ def test_to_device_carries_every_rendering():
 
 def test_folder_and_array_extra_sizes(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
-    item = train.FolderDataset(tmp_path, 32, extra_sizes=(16,))[0]
+    item = data.FolderDataset(tmp_path, 32, extra_sizes=(16,))[0]
     assert item["image"].shape == (3, 32, 32) and item["image_16"].shape == (3, 16, 16)
-    arr = train.ArrayDataset(np.zeros((2, 28, 28, 1), np.uint8), np.array([0, 1]), 32, str, 2, extra_sizes=(28,))
+    arr = data.ArrayDataset(np.zeros((2, 28, 28, 1), np.uint8), np.array([0, 1]), 32, str, 2, extra_sizes=(28,))
     assert arr[1]["image"].shape == (3, 32, 32) and arr[1]["image_28"].shape == (3, 28, 28)
 
 
@@ -72,11 +72,11 @@ def test_captions_and_labels_follow_the_factors():
     for i in range(len(ds)):
         item, a = ds[i], ds.attributes(i)
         assert item["caption"] == f"a {a['size']} {a['color']} {a['shape']} at the {a['position']}"
-        assert item["label"] == train.SHAPES.index(a["shape"]) * 6 + list(train.COLORS).index(a["color"])
-        cell = train.POSITIONS.index(a["position"])
+        assert item["label"] == data.SHAPES.index(a["shape"]) * 6 + list(data.COLORS).index(a["color"])
+        cell = data.POSITIONS.index(a["position"])
         assert int(a["cy"] * 3 / 32) == cell // 3 and int(a["cx"] * 3 / 32) == cell % 3
         seen.add(a["position"])
-    assert seen == set(train.POSITIONS)
+    assert seen == set(data.POSITIONS)
 
 
 def test_train_and_test_splits_differ():
@@ -88,20 +88,20 @@ def test_train_and_test_splits_differ():
 def test_judge_reads_the_true_attributes(size):
     ds = ShapesDataset(400, size, split="test")
     batch = torch.stack([ds[i]["image"] for i in range(len(ds))])
-    acc = train.caption_accuracy(batch, [ds[i]["caption"] for i in range(len(ds))])
+    acc = data.caption_accuracy(batch, [ds[i]["caption"] for i in range(len(ds))])
     assert acc["all"] >= 0.97, acc
     # and it can fail: a wrong caption is judged wrong
     wrong = ["a small red circle at the center" if ds[i]["caption"] != "a small red circle at the center"
              else "a large blue square at the top" for i in range(len(ds))]
-    assert train.caption_accuracy(batch, wrong)["all"] < 0.05
+    assert data.caption_accuracy(batch, wrong)["all"] < 0.05
 
 
 def test_judge_ignores_stray_pixels_and_handles_blank():
     ds = ShapesDataset(10, 32)
     x = ds[0]["image"].clone()
     x[:, 0, 31] = 1.0  # one white stray pixel far from the shape
-    assert train.judge_shapes(x[None])[0] == train.parse_caption(ds[0]["caption"])
-    assert train.judge_shapes(-torch.ones(1, 3, 32, 32)) == [None]
+    assert data.judge_shapes(x[None])[0] == data.parse_caption(ds[0]["caption"])
+    assert data.judge_shapes(-torch.ones(1, 3, 32, 32)) == [None]
 
 
 def test_folder_dataset(tmp_path):
@@ -112,7 +112,7 @@ def test_folder_dataset(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not an image")
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        ds = train.make_dataset(f"folder:{tmp_path}", "train", 32)
+        ds = data.make_dataset(f"folder:{tmp_path}", "train", 32)
     assert len(ds) == 2 and any("skipped 1 unreadable" in str(x.message) for x in w)
     a, b = ds[0], ds[1]
     assert a["image"].shape == (3, 32, 32) and a["caption"] == "a red thing"
@@ -120,14 +120,14 @@ def test_folder_dataset(tmp_path):
 
 
 def test_folder_errors(tmp_path):
-    with pytest.raises(train.UsageError, match="no such folder"):
-        train.make_dataset(f"folder:{tmp_path}/nope", "train", 32)
-    with pytest.raises(train.UsageError, match="no readable images"):
-        train.make_dataset(f"folder:{tmp_path}", "train", 32)
-    with pytest.raises(train.UsageError, match="unknown data set"):
-        train.make_dataset("imagenet:/x", "train", 32)
-    with pytest.raises(train.UsageError, match="give a path"):
-        train.make_dataset("mnist", "train", 32)
+    with pytest.raises(data.UsageError, match="no such folder"):
+        data.make_dataset(f"folder:{tmp_path}/nope", "train", 32)
+    with pytest.raises(data.UsageError, match="no readable images"):
+        data.make_dataset(f"folder:{tmp_path}", "train", 32)
+    with pytest.raises(data.UsageError, match="unknown data set"):
+        data.make_dataset("imagenet:/x", "train", 32)
+    with pytest.raises(data.UsageError, match="give a path"):
+        data.make_dataset("mnist", "train", 32)
 
 
 def _idx(arr, path, gz):
@@ -142,13 +142,13 @@ def test_mnist_idx_files(tmp_path, gz):
     sfx = ".gz" if gz else ""
     _idx(imgs, tmp_path / f"t10k-images-idx3-ubyte{sfx}", gz)
     _idx(np.array([7, 1, 2, 3, 4]), tmp_path / f"t10k-labels-idx1-ubyte{sfx}", gz)
-    ds = train.make_dataset(f"mnist:{tmp_path}", "test", 28)
+    ds = data.make_dataset(f"mnist:{tmp_path}", "test", 28)
     item = ds[0]
     assert len(ds) == 5 and item["label"] == 7 and item["caption"] == "the digit 7"
     expect = torch.from_numpy(imgs[0]).float() / 127.5 - 1
     assert torch.allclose(item["image"][1], expect)
-    with pytest.raises(train.UsageError, match="train-images"):
-        train.make_dataset(f"mnist:{tmp_path}", "train", 28)
+    with pytest.raises(data.UsageError, match="train-images"):
+        data.make_dataset(f"mnist:{tmp_path}", "train", 28)
 
 
 def test_cifar10_batches(tmp_path):
@@ -157,17 +157,17 @@ def test_cifar10_batches(tmp_path):
         d = {b"data": rng.integers(0, 256, (4, 3072)).astype(np.uint8), b"labels": [3, 0, 1, 2]}
         with open(tmp_path / name, "wb") as f:
             pickle.dump(d, f)
-    ds = train.make_dataset(f"cifar10:{tmp_path}", "train", 32)
+    ds = data.make_dataset(f"cifar10:{tmp_path}", "train", 32)
     assert len(ds) == 20 and ds[0]["caption"] == "a photo of a cat"
     assert ds[1]["caption"] == "a photo of an airplane" and ds[0]["image"].shape == (3, 32, 32)
 
 
 def test_step_batches_resume_exactly():
-    full = list(train.StepBatches(100, 8, seed=1, start=0, total=30))
-    assert full[20:] == list(train.StepBatches(100, 8, seed=1, start=20, total=30))
+    full = list(data.StepBatches(100, 8, seed=1, start=0, total=30))
+    assert full[20:] == list(data.StepBatches(100, 8, seed=1, start=20, total=30))
     assert all(len(b) == 8 for b in full) and len(set(full[0]) | set(full[5])) == 16
-    r0 = list(train.StepBatches(100, 8, 1, 0, 5, rank=0, world=2))
-    r1 = list(train.StepBatches(100, 8, 1, 0, 5, rank=1, world=2))
+    r0 = list(data.StepBatches(100, 8, 1, 0, 5, rank=0, world=2))
+    r1 = list(data.StepBatches(100, 8, 1, 0, 5, rank=1, world=2))
     assert not set(sum(r0, [])) & set(sum(r1, []))
-    with pytest.raises(train.UsageError, match="fewer than one batch"):
-        train.StepBatches(4, 8, 0, 0, 1)
+    with pytest.raises(data.UsageError, match="fewer than one batch"):
+        data.StepBatches(4, 8, 0, 0, 1)

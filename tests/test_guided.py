@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import guided
 import sample
+import data
 import train
 from guided import ADM, ADMConfig, ClassifierConfig, ClassifierFreeGuidance, GLIDE, NoisyClassifier, UNet
 
@@ -268,7 +269,7 @@ def overfit(model, batch, steps, lr=3e-3, phase=None):
 
 
 def shapes_batch(n, size):
-    ds = train.ShapesDataset(n, size)
+    ds = data.ShapesDataset(n, size)
     return torch.utils.data.default_collate([ds[i] for i in range(n)])
 
 

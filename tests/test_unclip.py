@@ -10,6 +10,7 @@ import torch
 import ddpm
 import guided
 import sample
+import data
 import train
 import unclip
 from conftest import overfit_losses
@@ -238,7 +239,7 @@ def test_unclip_phases_losses_and_sampling():
     for prior in ("diffusion", "ar"):
         model = unclip.UnCLIP(tiny_config(prior=prior))
         S = model.cfg.image_size  # the final side, after both upsamplers
-        ds = train.ShapesDataset(8, S)
+        ds = data.ShapesDataset(8, S)
         b = torch.utils.data.default_collate([ds[i] for i in range(4)])
         b["caption"] = list(b["caption"])
         model.prepare("prior", [b])
@@ -266,7 +267,7 @@ def test_decoder_trains_on_the_data_sets_own_rendering():
     S = model.cfg.decoder.unet.image_size
     assert unclip.UnCLIP.extra_image_sizes(model.cfg, "decoder") == (S,)
     assert all(unclip.UnCLIP.extra_image_sizes(model.cfg, p) == () for p in model.phases if p != "decoder")
-    ds = train.ShapesDataset(4, model.cfg.image_size, extra_sizes=(S,))
+    ds = data.ShapesDataset(4, model.cfg.image_size, extra_sizes=(S,))
     b = torch.utils.data.default_collate([ds[i] for i in range(4)])
     b["caption"] = list(b["caption"])
     z_i = model.embed_image(b["image"])
@@ -341,13 +342,13 @@ def test_cli_trains_every_part_and_samples(tmp_path, capsys, monkeypatch):
         assert (run / f"ckpt_{phase}.pt").exists()
         assert keys[phase] == {"image", "label", "caption"} | ({"image_32"} if phase == "decoder" else set())
     # the preview draws 25 samples of the test captions (16 here, so they repeat), listed beside it
-    captions = [train.ShapesDataset(16, 128, split="test")[i]["caption"] for i in range(16)]
+    captions = [data.ShapesDataset(16, 128, split="test")[i]["caption"] for i in range(16)]
     assert (run / "samples.txt").read_text().splitlines() == (captions * 2)[:25]
     out = tmp_path / "s.png"
     assert sample.main([str(run), "-n", "2", "--prompt", "a large red circle at the top left",
                         "--steps", "2", "--out", str(out)]) == 0 and out.exists()
     img = tmp_path / "in.png"
-    train.save_grid(train.ShapesDataset(1, 64)[0]["image"][None], img, pad=0)
+    data.save_grid(data.ShapesDataset(1, 64)[0]["image"][None], img, pad=0)
     for mode in (["--variations", str(img)], ["--interpolate", str(img), str(img)],
                  ["--text-diff", str(img), "a red circle", "a blue circle"]):
         assert sample.main([str(run), "-n", "2", *mode]) == 0, mode

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vae
-from train import ShapesDataset
+from data import ShapesDataset
 from vae import AE, DAE, VAE, VAEConfig
 
 CFG = VAEConfig(image_size=16, channels=(8, 16), latent_dim=4)
