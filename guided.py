@@ -162,6 +162,10 @@ PRESETS = {
                             noise_schedule="linear"),  # 421,529,606 parameters
     "adm-imagenet256": _adm(image_size=256, model_channels=256, num_res_blocks=2, channel_mult=(1, 1, 2, 2, 4, 4),
                             num_head_channels=64, noise_schedule="linear"),  # 553,838,086 parameters
+    # the same without classes (256x256_diffusion_uncond.pt): 552,814,086 parameters
+    "adm-imagenet256-uncond": _adm(image_size=256, model_channels=256, num_res_blocks=2,
+                                   channel_mult=(1, 1, 2, 2, 4, 4), num_head_channels=64, num_classes=0,
+                                   noise_schedule="linear"),
     # Nichol et al., released filtered GLIDE (glide-text2im model_creation.py)
     "glide-base": _glide(),  # 385,030,726 parameters
     "glide-upsample": _glide(image_size=256, num_res_blocks=2, channel_mult=(1, 1, 2, 2, 4, 4),
@@ -890,6 +894,122 @@ class GLIDE(nn.Module):
         low = self.base.sample(n, prompt=prompt, guidance_scale=guidance_scale, steps=steps, eta=eta,
                                progress=progress)
         return self.upsample.sample(n, prompt=prompt, steps=steps, eta=eta, low_res=low, progress=progress)
+
+
+# --- released checkpoints (guided-diffusion and glide-text2im) ---
+
+# the authors' file name -> (our preset, which presets dict holds it)
+OPENAI_FILES = {
+    "64x64_diffusion.pt": ("adm-imagenet64", "PRESETS"),
+    "128x128_diffusion.pt": ("adm-imagenet128", "PRESETS"),
+    "256x256_diffusion.pt": ("adm-imagenet256", "PRESETS"),
+    "256x256_diffusion_uncond.pt": ("adm-imagenet256-uncond", "PRESETS"),
+    "64x64_classifier.pt": ("adm-classifier-imagenet64", "CLASSIFIER_PRESETS"),
+    "128x128_classifier.pt": ("adm-classifier-imagenet128", "CLASSIFIER_PRESETS"),
+    "256x256_classifier.pt": ("adm-classifier-imagenet256", "CLASSIFIER_PRESETS"),
+    "base.pt (GLIDE)": ("glide-base", "PRESETS"),
+    "upsample.pt (GLIDE)": ("glide-upsample", "PRESETS"),
+}
+
+
+# Copied from ddpm.read_state_dict
+def read_state_dict(path):
+    """A released weight file -> its flat {name: tensor} dict, loaded with weights_only=True (a
+    file that needs code execution to load is refused). Any failure is a ValueError of one line."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except Exception as e:  # truncated zip, pickle that needs code, not a torch file at all
+        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}); it may be truncated, "
+                         "or need code execution to load, which is refused") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise ValueError(f"{path}: not a state dict (a dict of named tensors)")
+    return sd
+
+
+# Copied from ddpm.check_layout
+def check_layout(state_dict, layouts, what):
+    """Find the layout a state dict has and check it key for key; return its name.
+
+    layouts: {name: {key: shape}}, each a released file's keys in order. The candidate with the
+    most (key, shape) pairs in common, less the keys it has and the file lacks, is checked (so an
+    unconditional file is not taken for the conditional one, whose keys include its own); the
+    first key that is missing, unexpected or of another shape raises a ValueError of one line
+    naming it and the layout. A state dict that shares fewer than half its keys with every
+    candidate is not one of `what`: the error lists them.
+    """
+    common = lambda lay: sum(tuple(v.shape) == lay.get(k) for k, v in state_dict.items())  # noqa: E731
+    name = max(layouts, key=lambda n: 2 * common(layouts[n]) - len(layouts[n]))
+    expected = layouts[name]
+    if 2 * common(expected) < len(expected):
+        raise ValueError(f"not a known layout of {what}; known: {', '.join(layouts)}")
+    for k, v in state_dict.items():
+        if k not in expected:
+            raise ValueError(f"unexpected key {k!r} for the layout of {name}")
+        if tuple(v.shape) != expected[k]:
+            raise ValueError(f"key {k!r} has shape {tuple(v.shape)}, the layout of {name} has {expected[k]}")
+    for k in expected:
+        if k not in state_dict:
+            raise ValueError(f"missing key {k!r} of the layout of {name}")
+    return name
+
+
+def _released_model(preset):
+    """The model of a released file's preset (ADM or NoisyClassifier), built on the meta device:
+    no memory is allocated until the weights are assigned."""
+    file = next(f for f, (p, _) in OPENAI_FILES.items() if p == preset)
+    table = OPENAI_FILES[file][1]
+    with torch.device("meta"):
+        if table == "CLASSIFIER_PRESETS":
+            return NoisyClassifier(CLASSIFIER_PRESETS[preset])
+        return ADM(PRESETS[preset])
+
+
+def _layout_name(preset):
+    file = next(f for f, (p, _) in OPENAI_FILES.items() if p == preset).split()[0]
+    return f"{'glide-text2im' if preset.startswith('glide') else 'guided-diffusion'}'s {file} ({preset})"
+
+
+def released_layouts(presets=None):
+    """{"guided-diffusion's FILE (preset)": {key: shape}} of the released files (or of those with
+    the given presets), in the authors' key order."""
+    if not _LAYOUTS:  # built once (about a second: nine networks on the meta device)
+        for preset, table in OPENAI_FILES.values():
+            m = _released_model(preset)
+            net = m if table == "CLASSIFIER_PRESETS" else m.unet
+            _LAYOUTS[preset] = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    return {_layout_name(p): lay for p, lay in _LAYOUTS.items() if presets is None or p in presets}
+
+
+_LAYOUTS = {}
+
+
+def load_openai(path, preset=None):
+    """A released guided-diffusion or GLIDE checkpoint -> the model, in eval mode, float32.
+
+    guided-diffusion's 64x64, 128x128, 256x256 (and 256x256 unconditional) diffusion models load
+    as `ADM`, its 64/128/256 noisy classifiers as `NoisyClassifier`, GLIDE's base.pt and
+    upsample.pt as `ADM` with the glide-base / glide-upsample presets (give the model a BPE with
+    `model.config.bpe_dir` for their captions). The file is read with weights_only=True; its
+    layout picks the preset unless `preset` names one (see OPENAI_FILES); every key and shape is
+    checked, and a mismatch is a ValueError of one line naming the key and the layout expected.
+    Weights stored in float16 are cast to float32. The module names are the authors', so this is
+    a key-for-key copy; the diffusion (T, schedule, learned sigma) is the preset's, as trained.
+    """
+    sd = read_state_dict(path)
+    known = [p for p, _ in OPENAI_FILES.values()]
+    if preset is not None and preset not in known:
+        raise ValueError(f"{preset!r} is not the preset of a released file; known: {', '.join(known)}")
+    layouts = released_layouts(None if preset is None else {preset})
+    found = check_layout(sd, layouts, "guided-diffusion's and GLIDE's released checkpoints")
+    preset = next(p for p in known if _layout_name(p) == found)
+    model = _released_model(preset)
+    net = model if isinstance(model, NoisyClassifier) else model.unet
+    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+    return model.eval()
 
 
 # --- the diffusion process (checked copies of ddpm.py) ---
