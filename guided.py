@@ -29,8 +29,10 @@ What is implemented:
   upsampler, trained as two phases).
 
 Deviations and choices (stated openly):
-- Text is tokenised as UTF-8 bytes (no vocabulary file); the GLIDE presets keep the released
-  50,257-token embedding table so the counts match, but their ids are bytes, not GPT-2 BPE.
+- Text is tokenised as UTF-8 bytes by default (no vocabulary file); the GLIDE presets keep the
+  released 50,257-token embedding table so the counts match. With `bpe_dir` (GPT-2's encoder.json
+  and vocab.bpe, as glide-text2im ships them) captions get GLIDE's own BPE ids (`GPT2Tokenizer`,
+  standard library only), which the released weights need.
 - The null class of classifier-free guidance is an extra learned row of the label embedding,
   present only when `p_uncond > 0` (the ADM presets have none, so their counts match).
 - The upsampler's low-resolution input is the training image downsampled by area averaging, as in
@@ -51,8 +53,12 @@ Glossary (paper symbol -> code name):
   encoder_kv        projection of the context tokens into each attention layer's keys and values
 """
 
+import gzip
+import json
 import math
+import os
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 
 import torch
@@ -91,6 +97,7 @@ class ADMConfig:
     xf_final_ln: bool = True  # LayerNorm after the text Transformer
     xf_padding: bool = True  # learned embeddings at padded text positions (GLIDE)
     vocab_size: int = 256  # token embedding rows (256 bytes; GLIDE's BPE has 50,257)
+    bpe_dir: str = ""  # folder with GPT-2's encoder.json and vocab.bpe (or .gz): GLIDE's BPE; "": UTF-8 bytes
     diffusion_steps: int = 1000  # T
     noise_schedule: str = "cosine"  # "linear" (ADM 128/256, GLIDE upsampler) or "cosine"
     p_uncond: float = 0.1  # probability the condition is dropped in training (classifier-free)
@@ -243,17 +250,156 @@ def group_norm(channels, groups=32):
     return GroupNorm(math.gcd(groups, channels), channels)
 
 
-def tokenize(captions, text_ctx):
-    """Captions -> (tokens (B, text_ctx) long, mask (B, text_ctx) bool): UTF-8 bytes, truncated to
-    text_ctx and padded at the end (mask False); the empty caption is all padding (GLIDE's
-    unconditional input)."""
-    tokens = torch.zeros(len(captions), text_ctx, dtype=torch.long)
+def tokenize(captions, text_ctx, bpe=None):
+    """Captions -> (tokens (B, text_ctx) long, mask (B, text_ctx) bool): UTF-8 bytes, or GPT-2 BPE
+    ids when `bpe` (a GPT2Tokenizer) is given, truncated to text_ctx and padded at the end (mask
+    False; the pad id is 0 for bytes, the end token for BPE, as GLIDE's padded_tokens_and_mask);
+    the empty caption is all padding (GLIDE's unconditional input)."""
+    tokens = torch.full((len(captions), text_ctx), bpe.end_token if bpe else 0, dtype=torch.long)
     mask = torch.zeros(len(captions), text_ctx, dtype=torch.bool)
     for i, c in enumerate(captions):
-        b = list(c.encode("utf-8"))[:text_ctx]
+        b = (bpe.encode(c) if bpe else list(c.encode("utf-8")))[:text_ctx]
         tokens[i, :len(b)] = torch.tensor(b, dtype=torch.long)
         mask[i, :len(b)] = True
     return tokens, mask
+
+
+# --- GLIDE's tokenizer: GPT-2's byte-pair encoding ---
+
+
+# Copied from clip._byte_symbols
+def _byte_symbols():
+    """The 256 printable characters that stand for the 256 bytes in OpenAI's merges file.
+
+    Bytes that are printable Latin-1 characters stand for themselves; the others (control codes,
+    space, soft hyphen ...) are given the characters 256, 257, ... in byte order, so that no symbol
+    is whitespace. Returned in OpenAI's vocabulary order (the printable ones first).
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = [b for b in range(256) if b not in table]
+    table.update({b: chr(256 + n) for n, b in enumerate(extra)})
+    return table
+
+
+# Unicode's White_Space property: what `\s` matches in the `regex` package GPT-2's pattern is
+# written for (str.isspace also counts the separators U+001C..U+001F, which it does not)
+_WHITE_SPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000"
+                         + "".join(chr(c) for c in range(0x2000, 0x200B)))
+
+
+def _gpt2_pretokenize(text):
+    """Splits text into words as GPT-2's pattern does, without the `regex` package:
+
+        's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+
+
+    At each position the first alternative that matches wins: a contraction; else an optional
+    space and a run of letters (category L*), of numbers (N*) or of other non-space characters;
+    else a run of whitespace, less its last character when a non-space follows (that character,
+    if a space, then leads the next word: the backtracking of \\s+(?!\\S)). Letters and numbers
+    are those of Python's unicodedata; a character assigned only in a newer Unicode version than
+    it knows counts as "other" (checked equal to `regex` on every code point Python's table has).
+    """
+    kind = lambda ch: "s" if ch in _WHITE_SPACE else {"L": "L", "N": "N"}.get(unicodedata.category(ch)[0], "o")  # noqa: E731
+    contractions = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+    words, i, n = [], 0, len(text)
+    while i < n:
+        c = next((c for c in contractions if text.startswith(c, i)), None)
+        if c is not None:
+            words.append(c)
+            i += len(c)
+            continue
+        start = i + 1 if text[i] == " " and i + 1 < n and kind(text[i + 1]) != "s" else i
+        k = kind(text[start])
+        if k != "s":  # ' ?\p{L}+', ' ?\p{N}+' or ' ?[^\s\p{L}\p{N}]+'
+            j = start + 1
+            while j < n and kind(text[j]) == k:
+                j += 1
+        else:  # '\s+(?!\S)' or '\s+'
+            j = i + 1
+            while j < n and kind(text[j]) == "s":
+                j += 1
+            if j < n and j - i > 1:
+                j -= 1
+        words.append(text[i:j])
+        i = j
+    return words
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-pair encoder (Radford et al. 2019) as GLIDE uses it (section 2.3; glide-text2im's
+    tokenizer): the text is lower-cased, split into words (`_gpt2_pretokenize`), each word's UTF-8
+    bytes written as `_byte_symbols` and merged pair by pair, lowest rank first (Sennrich et al.
+    2016). Ids come from encoder.json (50,257 for GPT-2; the last, <|endoftext|>, pads).
+
+    bpe_dir: a folder with encoder.json and vocab.bpe, each possibly gzipped (glide-text2im ships
+    them as glide_text2im/tokenizer/encoder.json.gz and vocab.bpe.gz).
+    """
+
+    def __init__(self, bpe_dir):
+        self.encoder = json.loads(self._read(bpe_dir, "encoder.json"))
+        lines = self._read(bpe_dir, "vocab.bpe").split("\n")[1:]  # the first line is a version header
+        self.rank = {tuple(line.split()): r for r, line in enumerate(l for l in lines if l.strip())}
+        self.decoder = {i: s for s, i in self.encoder.items()}
+        self.byte_to_symbol = _byte_symbols()
+        self.symbol_to_byte = {s: b for b, s in self.byte_to_symbol.items()}
+        self.n_vocab = len(self.encoder)
+        self.end_token = self.n_vocab - 1
+        self.cache = {}
+
+    @staticmethod
+    def _read(folder, name):
+        for f in (os.path.join(folder, name), os.path.join(folder, name + ".gz")):
+            if os.path.isfile(f):
+                with (gzip.open(f, "rb") if f.endswith(".gz") else open(f, "rb")) as fh:
+                    return fh.read().decode("utf-8")
+        raise FileNotFoundError(f"no {name} (or {name}.gz) in {folder!r}: GLIDE's BPE files ship with "
+                                "glide-text2im, in glide_text2im/tokenizer/")
+
+    def bpe(self, word):
+        """Merges the symbols of one word, lowest-ranked pair first, until no known pair is left."""
+        if word in self.cache:
+            return self.cache[word]
+        parts = list(word)
+        while len(parts) > 1:
+            best = min(zip(parts, parts[1:]), key=lambda p: self.rank.get(p, math.inf))
+            if best not in self.rank:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        self.cache[word] = parts
+        return parts
+
+    def encode(self, text):
+        ids = []
+        for word in _gpt2_pretokenize(text.lower()):
+            symbols = "".join(self.byte_to_symbol[b] for b in word.encode("utf-8"))
+            ids.extend(self.encoder[p] for p in self.bpe(symbols))
+        return ids
+
+    def decode(self, ids):
+        text = "".join(self.decoder[i] for i in ids)
+        return bytes(self.symbol_to_byte[ch] for ch in text).decode("utf-8", errors="replace")
+
+
+_BPE_CACHE = {}
+
+
+def get_bpe(bpe_dir):
+    """GPT2Tokenizer of a folder (read once per folder), or None for "" (UTF-8 bytes)."""
+    if not bpe_dir:
+        return None
+    if bpe_dir not in _BPE_CACHE:
+        _BPE_CACHE[bpe_dir] = GPT2Tokenizer(bpe_dir)
+    return _BPE_CACHE[bpe_dir]
 
 
 def make_diffusion(c, **kw):
@@ -750,7 +896,11 @@ class ADM(nn.Module):
 
     @torch.compiler.disable  # host-side string work: torch.compile would specialise on every caption
     def _text(self, captions, device):
-        tokens, mask = tokenize(captions, self.config.text_ctx)
+        bpe = get_bpe(self.config.bpe_dir)
+        if bpe is not None and bpe.n_vocab > self.config.vocab_size:
+            raise ValueError(f"the BPE in {self.config.bpe_dir} has {bpe.n_vocab} tokens, the model's "
+                             f"embedding {self.config.vocab_size}: set vocab_size")
+        tokens, mask = tokenize(captions, self.config.text_ctx, bpe)
         return host_to_device(tokens, device), host_to_device(mask, device)
 
     def training_kwargs(self, batch, x_0):

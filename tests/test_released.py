@@ -231,3 +231,41 @@ def test_ddpm_unet_reproduces_improved_diffusion(monkeypatch):
     assert error(dataclasses.replace(cfg, rescale_timesteps=False)) > 1e-3
     monkeypatch.setattr(ddpm, "_qkv_from_iddpm", lambda w, heads: w)
     assert error(cfg) > 1e-3
+
+
+# --- GLIDE's tokenizer ---
+
+
+def test_gpt2_pretokenizer_matches_the_pattern_on_spaces_and_unicode():
+    # expected: the `regex` package on GPT-2's pattern
+    assert guided._gpt2_pretokenize("  two   spaces\tand a tab\nnew line  ") == [
+        " ", " two", "  ", " spaces", "\t", "and", " a", " tab", "\n", "new", " line", "  "]
+    assert guided._gpt2_pretokenize("it's x² ½ café\u0301 東京 \xa0\x1c!") == [
+        "it", "'s", " x", "²", " ½", " café", "\u0301", " 東京", " ", "\xa0", "\x1c!"]
+
+
+@needs_shared
+def test_glide_bpe_reproduces_the_authors_tokens():
+    ref = json.loads((SHARED / "golden" / "glide_bpe.json").read_text())
+    bpe = guided.get_bpe(str(SHARED / "glide_bpe"))
+    assert (bpe.n_vocab, bpe.end_token) == (ref["n_vocab"], ref["end_token"])
+    for case in ref["cases"]:
+        ids = bpe.encode(case["caption"])
+        assert ids == case["ids"], case["caption"]
+        assert bpe.decode(ids) == case["caption"].lower()
+        tokens, mask = guided.tokenize([case["caption"]], 16, bpe)
+        assert tokens[0].tolist() == case["padded16"] and mask[0].tolist() == case["mask16"]
+
+
+@needs_shared
+def test_glide_reads_captions_with_the_bpe_when_given(tmp_path):
+    cfg = guided.ADMConfig(image_size=8, channel_mult=(1, 2), attention_resolutions=(4,), text_ctx=8, xf_width=32,
+                           xf_layers=1, xf_heads=2, vocab_size=50257)
+    model = guided.ADM(cfg)
+    tokens, _ = model._text(["a corgi"], "cpu")
+    assert tokens[0, :7].tolist() == list(b"a corgi")  # bytes by default
+    model.config.bpe_dir = str(SHARED / "glide_bpe")
+    tokens, mask = model._text(["a corgi", ""], "cpu")
+    assert tokens[0, :2].tolist() == [64, 1162] and tokens[1].tolist() == [50256] * 8 and not mask[1].any()
+    with pytest.raises(FileNotFoundError, match="encoder.json"):
+        guided.GPT2Tokenizer(str(tmp_path))
