@@ -243,11 +243,17 @@ class GaussianDiffusion:
         For kept indices S_1 < ... < S_K the new process keeps alpha_bar_{S_i} and rebuilds
         beta_i = 1 - alpha_bar_{S_i} / alpha_bar_{S_{i-1}} (alpha_bar_{S_0} = 1), so sampling can
         take fewer steps than training without retraining. `timestep_map` remembers S_i so the
-        model still sees the original time index.
+        model still sees the original time index. `steps` may also be a list of the indices to
+        keep (a released model's own spacing, such as GLIDE's "fast27").
         """
         if steps is None or steps == self.num_timesteps:
             return self
-        kept = space_timesteps(self.num_timesteps, steps)
+        if isinstance(steps, (list, tuple)):
+            kept = sorted(set(steps))
+            if not kept or kept[0] < 0 or kept[-1] >= self.num_timesteps:
+                raise ValueError(f"time indices must lie in 0..{self.num_timesteps - 1}")
+        else:
+            kept = space_timesteps(self.num_timesteps, steps)
         ab = self.alpha_bar[kept]
         betas = 1.0 - ab / torch.cat([ab.new_ones(1), ab[:-1]])
         return GaussianDiffusion(betas, self.prediction, self.variance, self.loss_type,
@@ -821,15 +827,19 @@ OPENAI_FILES = {
 
 
 def read_state_dict(path):
-    """A released weight file -> its flat {name: tensor} dict, loaded with weights_only=True (a
-    file that needs code execution to load is refused). Any failure is a ValueError of one line."""
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except Exception as e:  # truncated zip, pickle that needs code, not a torch file at all
-        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}); it may be truncated, "
-                         "or need code execution to load, which is refused") from None
+    """A released weight file (or the dict already loaded from it) -> its flat {name: tensor} dict,
+    loaded with weights_only=True (a file that needs code execution to load is refused). Any
+    failure is a ValueError of one line."""
+    if isinstance(path, dict):
+        sd, path = path, "the state dict"
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such file") from None
+        except Exception as e:  # truncated zip, pickle that needs code, not a torch file at all
+            raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}); it may be "
+                             "truncated, or need code execution to load, which is refused") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
@@ -913,8 +923,8 @@ def load_openai(path, preset=None):
     """Nichol & Dhariwal's released improved-diffusion checkpoint -> a DDPM in eval mode, float32.
 
     The file (cifar10_uncond_50M_500K.pt or imagenet64_uncond_100M_1500K.pt; the user gives the
-    path, nothing is downloaded) is read with weights_only=True; its layout (or `preset`, a key of
-    OPENAI_FILES' values) picks the preset, every key and shape is checked, and the weights are
+    path, nothing is downloaded; or the dict already loaded from it) is read with weights_only=True;
+    its layout (or `preset`, one of OPENAI_FILES' values) picks the preset, every key and shape is checked, and the weights are
     renamed and rearranged into ddpm.UNet (see _iddpm_names, _qkv_from_iddpm). The diffusion is
     theirs: T = 4000, cosine schedule, learned range, t fed to the network as t * 1000 / T.
     """

@@ -1036,14 +1036,38 @@ class GLIDE(nn.Module):
         return self.upsample.loss(batch)
 
     @torch.no_grad()
-    def sample(self, n, prompt=None, guidance_scale=3.0, steps=50, eta=None, progress=None):
+    def sample(self, n, prompt=None, guidance_scale=3.0, steps=50, eta=None, progress=None,
+               upsample_steps=None, upsample_eta=None, upsample_temp=1.0):
         """n images (n, C, S, S): base samples with guidance, then upsampled (prompt None: the
-        empty caption, i.e. unconditional samples)."""
+        empty caption, i.e. unconditional samples). The upsampler takes `steps` and `eta` unless
+        upsample_steps (a count, or a list of time indices such as `glide_fast27()`) and
+        upsample_eta are given; its x_T is scaled by upsample_temp. GLIDE's released notebook
+        samples the base with 100 ancestral steps at guidance 3 and the upsampler with DDIM
+        (eta 0) on fast27 from x_T * 0.997."""
         if prompt is None:
             guidance_scale = 1.0  # guidance toward the empty caption is the unconditional model
         low = self.base.sample(n, prompt=prompt, guidance_scale=guidance_scale, steps=steps, eta=eta,
                                progress=progress)
-        return self.upsample.sample(n, prompt=prompt, steps=steps, eta=eta, low_res=low, progress=progress)
+        u = self.upsample.config
+        noise = None
+        if upsample_temp != 1.0:
+            noise = torch.randn(n, u.in_channels, u.image_size, u.image_size, device=low.device) * upsample_temp
+        return self.upsample.sample(n, prompt=prompt, steps=steps if upsample_steps is None else upsample_steps,
+                                    eta=eta if upsample_eta is None else upsample_eta, low_res=low, noise=noise,
+                                    progress=progress)
+
+
+def glide_fast27(T=1000):
+    """GLIDE's "fast27" spacing of the upsampler's T steps (glide-text2im respace.py): T split into
+    five equal parts sampled with 10, 10, 3, 2 and 2 evenly spaced steps, the last index T - 1
+    replaced by T - 3 (against DDIM artefacts at the noisiest steps). 27 indices."""
+    counts, kept, start = (10, 10, 3, 2, 2), set(), 0
+    for i, k in enumerate(counts):
+        size = T // len(counts) + (i < T % len(counts))
+        stride = (size - 1) / (k - 1) if k > 1 else 1
+        kept |= {start + round(j * stride) for j in range(k)}
+        start += size
+    return sorted((kept - {T - 1}) | {T - 3})
 
 
 # --- released checkpoints (guided-diffusion and glide-text2im) ---
@@ -1064,15 +1088,19 @@ OPENAI_FILES = {
 
 # Copied from ddpm.read_state_dict
 def read_state_dict(path):
-    """A released weight file -> its flat {name: tensor} dict, loaded with weights_only=True (a
-    file that needs code execution to load is refused). Any failure is a ValueError of one line."""
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except Exception as e:  # truncated zip, pickle that needs code, not a torch file at all
-        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}); it may be truncated, "
-                         "or need code execution to load, which is refused") from None
+    """A released weight file (or the dict already loaded from it) -> its flat {name: tensor} dict,
+    loaded with weights_only=True (a file that needs code execution to load is refused). Any
+    failure is a ValueError of one line."""
+    if isinstance(path, dict):
+        sd, path = path, "the state dict"
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such file") from None
+        except Exception as e:  # truncated zip, pickle that needs code, not a torch file at all
+            raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}); it may be "
+                             "truncated, or need code execution to load, which is refused") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
@@ -1143,7 +1171,8 @@ def load_openai(path, preset=None):
     guided-diffusion's 64x64, 128x128, 256x256 (and 256x256 unconditional) diffusion models load
     as `ADM`, its 64/128/256 noisy classifiers as `NoisyClassifier`, GLIDE's base.pt and
     upsample.pt as `ADM` with the glide-base / glide-upsample presets (give the model a BPE with
-    `model.config.bpe_dir` for their captions). The file is read with weights_only=True; its
+    `model.config.bpe_dir` for their captions). The file (or the dict already loaded from it) is
+    read with weights_only=True; its
     layout picks the preset unless `preset` names one (see OPENAI_FILES); every key and shape is
     checked, and a mismatch is a ValueError of one line naming the key and the layout expected.
     Weights stored in float16 are cast to float32. The module names are the authors', so this is
@@ -1303,11 +1332,17 @@ class GaussianDiffusion:
         For kept indices S_1 < ... < S_K the new process keeps alpha_bar_{S_i} and rebuilds
         beta_i = 1 - alpha_bar_{S_i} / alpha_bar_{S_{i-1}} (alpha_bar_{S_0} = 1), so sampling can
         take fewer steps than training without retraining. `timestep_map` remembers S_i so the
-        model still sees the original time index.
+        model still sees the original time index. `steps` may also be a list of the indices to
+        keep (a released model's own spacing, such as GLIDE's "fast27").
         """
         if steps is None or steps == self.num_timesteps:
             return self
-        kept = space_timesteps(self.num_timesteps, steps)
+        if isinstance(steps, (list, tuple)):
+            kept = sorted(set(steps))
+            if not kept or kept[0] < 0 or kept[-1] >= self.num_timesteps:
+                raise ValueError(f"time indices must lie in 0..{self.num_timesteps - 1}")
+        else:
+            kept = space_timesteps(self.num_timesteps, steps)
         ab = self.alpha_bar[kept]
         betas = 1.0 - ab / torch.cat([ab.new_ones(1), ab[:-1]])
         return GaussianDiffusion(betas, self.prediction, self.variance, self.loss_type,

@@ -7,6 +7,7 @@ views into one small random storage, so a 550M-parameter file takes 4 MB and loa
 """
 import argparse
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -269,3 +270,129 @@ def test_glide_reads_captions_with_the_bpe_when_given(tmp_path):
     assert tokens[0, :2].tolist() == [64, 1162] and tokens[1].tolist() == [50256] * 8 and not mask[1].any()
     with pytest.raises(FileNotFoundError, match="encoder.json"):
         guided.GPT2Tokenizer(str(tmp_path))
+
+
+# --- sample.py on released files (tiny stand-ins for the full-size presets) ---
+
+
+@pytest.fixture
+def tiny_released(monkeypatch, tmp_path):
+    """The released tables with tiny presets in place of the full-size ones, and a file of each
+    in the authors' layout (random weights), so sample.py's released path runs in seconds."""
+    net = dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+               num_head_channels=16)
+    text = dict(text_ctx=8, xf_width=32, xf_layers=1, xf_heads=2, vocab_size=50257, num_classes=0)
+    tiny = {
+        "adm-imagenet64": guided.ADMConfig(image_size=8, num_classes=1000, p_uncond=0.0, **net),
+        "glide-base": guided.ADMConfig(image_size=8, p_uncond=0.2, **net, **text),
+        "glide-upsample": guided.ADMConfig(image_size=16, low_res_size=8, noise_schedule="linear", p_uncond=0.0,
+                                           **net, **text),
+    }
+    for k, v in tiny.items():
+        monkeypatch.setitem(guided.PRESETS, k, v)
+    clf = guided.ClassifierConfig(image_size=8, num_classes=1000, **net)
+    monkeypatch.setitem(guided.CLASSIFIER_PRESETS, "adm-classifier-imagenet64", clf)
+    monkeypatch.setattr(guided, "_LAYOUTS", {})
+    iddpm = dataclasses.replace(ddpm.PRESETS["cifar10_uncond_50M_500K"], image_size=8, ch=32, ch_mult=(1, 2),
+                                num_res_blocks=1, attn_resolutions=(4,))
+    monkeypatch.setitem(ddpm.PRESETS, "cifar10_uncond_50M_500K", iddpm)
+    torch.manual_seed(0)
+    files = {}
+    for name, model in (("64x64_diffusion.pt", guided.UNet(tiny["adm-imagenet64"])),
+                        ("64x64_classifier.pt", guided.NoisyClassifier(clf)),
+                        ("base.pt", guided.UNet(tiny["glide-base"])),
+                        ("upsample.pt", guided.UNet(tiny["glide-upsample"]))):
+        files[name] = tmp_path / name
+        torch.save({k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+                    for k, v in model.state_dict().items() if "diffusion" not in k}, files[name])
+    theirs = {k: 0.05 * torch.randn(shape) for k, (_, shape) in ddpm._iddpm_names(ddpm.UNet(iddpm)).items()}
+    files["cifar10.pt"] = tmp_path / "cifar10.pt"
+    torch.save(theirs, files["cifar10.pt"])
+    return files
+
+
+def run_sample(*argv):
+    import sample
+    return sample.main([str(a) for a in argv])
+
+
+def test_sample_py_samples_released_files(tiny_released, tmp_path, capsys):
+    f = tiny_released
+    out = tmp_path / "out"
+    out.mkdir()
+    assert run_sample(f["64x64_diffusion.pt"], "--label", 207, "-n", 2, "--steps", 3, "--out", out / "a.png") == 0
+    assert run_sample(f["64x64_diffusion.pt"], "--label", 207, "-n", 2, "--steps", 3, "--classifier",
+                      f["64x64_classifier.pt"], "--classifier-scale", 1, "--out", out / "b.png") == 0
+    assert run_sample(f["cifar10.pt"], "-n", 2, "--steps", 3, "--out", out / "c.png") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "c.png"]
+    assert run_sample(f["64x64_diffusion.pt"], "--label", 1000, "-n", 1, "--steps", 2) == 2
+    assert "--label must be in 0..999" in capsys.readouterr().err
+
+
+@needs_shared
+def test_sample_py_runs_glide_with_its_upsampler_and_bpe(tiny_released, tmp_path, capsys, monkeypatch):
+    import sample
+    f = tiny_released
+    seen = {}
+    real = guided.GLIDE.sample
+
+    @functools.wraps(real)  # keeps the signature, which sample.py reads
+    def spy(self, n, **kw):
+        seen.update(kw)
+        return real(self, n, **kw)
+
+    monkeypatch.setattr(guided.GLIDE, "sample", spy)
+    bpe = SHARED / "glide_bpe"
+    assert run_sample(f["base.pt"], "--upsampler", f["upsample.pt"], "--bpe-dir", bpe, "--prompt", "a corgi",
+                      "-n", 1, "--steps", 3, "--out", tmp_path / "g.png") == 0
+    from PIL import Image
+    assert Image.open(tmp_path / "g.png").size[0] >= 16
+    # the notebook's settings where no flag is given: guidance 3, fast27 DDIM from x_T * 0.997
+    assert seen["guidance_scale"] == 3.0 and seen["upsample_steps"] == guided.glide_fast27()
+    assert seen["upsample_eta"] == 0.0 and seen["upsample_temp"] == 0.997 and seen["steps"] == 3
+    capsys.readouterr()
+    assert run_sample(f["base.pt"], "--prompt", "a corgi", "-n", 1, "--steps", 2) == 2
+    assert "--bpe-dir" in capsys.readouterr().err
+    assert run_sample(f["upsample.pt"], "--bpe-dir", bpe, "--prompt", "a corgi", "-n", 1) == 2
+    assert "upsampler" in capsys.readouterr().err
+    assert run_sample(f["64x64_diffusion.pt"], "--bpe-dir", bpe, "-n", 1) == 2
+    assert "GLIDE" in capsys.readouterr().err
+    assert sample.RELEASED_DEFAULTS["adm"]["steps"] == 250
+
+
+def test_sample_py_refuses_unknown_corrupt_and_changed_files(tiny_released, tmp_path, capsys):
+    from conftest import error_line
+    d = tmp_path / "bad"
+    d.mkdir()
+    torch.save({"encoder.weight": torch.zeros(3, 3)}, d / "other.pt")
+    (d / "cut.pt").write_bytes(tiny_released["64x64_diffusion.pt"].read_bytes()[:5000])
+    sd = torch.load(tiny_released["64x64_diffusion.pt"], weights_only=True)
+    sd["label_emb.weight"] = sd["label_emb.weight"][:10]
+    torch.save(sd, d / "changed.pt")
+    before = sorted(p.name for p in d.iterdir())
+    assert run_sample(d / "other.pt", "-n", 1) == 2
+    line = error_line(capsys)
+    assert "neither a checkpoint of this project nor a released file" in line
+    assert "64x64_diffusion.pt" in line and "cifar10_uncond_50M_500K.pt" in line and "base.pt" in line
+    assert run_sample(d / "cut.pt", "-n", 1) == 2
+    assert "not a readable checkpoint" in error_line(capsys)
+    assert run_sample(d / "changed.pt", "-n", 1) == 2
+    assert "'label_emb.weight'" in error_line(capsys)
+    assert sorted(p.name for p in d.iterdir()) == before  # nothing written
+
+
+def test_sample_py_fid(tiny_released, tmp_path, capsys):
+    from conftest import error_line
+    from PIL import Image
+    f = tiny_released
+    assert run_sample(f["64x64_diffusion.pt"], "--fid", tmp_path, "-n", 2) == 2
+    assert "pt_inception-2015-12-05-6726825d.pth" in error_line(capsys)
+    torch.manual_seed(0)
+    import fid
+    torch.save(fid.FIDInception().state_dict(), tmp_path / "inception.pth")
+    (tmp_path / "ref").mkdir()
+    for i in range(2):
+        Image.fromarray((torch.rand(8, 8, 3) * 255).byte().numpy()).save(tmp_path / "ref" / f"{i}.png")
+    assert run_sample(f["64x64_diffusion.pt"], "--fid", tmp_path / "ref", "--inception", tmp_path / "inception.pth",
+                      "-n", 2, "--steps", 2, "--label", 1) == 0
+    assert capsys.readouterr().out.startswith("FID ")
