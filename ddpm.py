@@ -21,6 +21,11 @@ What is implemented:
   eq. 12); the model always sees the ORIGINAL time indices 0..T-1;
 - Ho et al.'s U-Net and its Improved DDPM variant (scale-shift norm, multi-head attention, a
   second output for the variance), with the papers' CIFAR-10 presets.
+- `load_openai(path)`: Nichol & Dhariwal's released checkpoints (cifar10_uncond_50M_500K.pt,
+  imagenet64_uncond_100M_1500K.pt), checked key for key and mapped onto this U-Net: their module
+  names, their per-head qkv rows and Conv1d projections are rearranged by the loader; their time
+  embedding ([cos, sin] over half, with t fed as t * 1000 / T) is the config's
+  `time_embedding="iddpm"` and `rescale_timesteps=True`, since it is not a permutation of Ho's.
 
 Deviations and choices (stated openly):
 - Time steps are indexed 0..T-1 in code; the paper's t = 1..T is code t + 1.

@@ -219,7 +219,8 @@ def load_inception(path, device="cpu"):
     key and shape is checked (the BatchNorm num_batches_tracked counters may be absent, as in the
     file's older format); a missing file is a one-line error that says where to get it."""
     if not path or not os.path.isfile(path):
-        raise ValueError(f"no FID Inception weights at {path!r}: download pytorch-fid's release asset "
+        where = f"at {path}" if path else "given"
+        raise ValueError(f"no FID Inception weights {where}: download pytorch-fid's release asset "
                          f"{WEIGHTS_FILE} ({WEIGHTS_URL}) and pass its path")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)

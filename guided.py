@@ -23,6 +23,10 @@ What is implemented:
 - classifier-free guidance: `ClassifierFreeGuidance` wraps a model so that one batched forward gives
   eps~ = eps(x_t, null) + s (eps(x_t, c) - eps(x_t, null)) (Ho & Salimans eq. 6 with s = 1 + w).
 - CLIP guidance: `clip_cond_fn` gives s grad_x (f(x_t, t) . g(c)) through the same hook.
+- `load_openai(path)`: the authors' released files (guided-diffusion's 64/128/256 diffusion models
+  and noisy classifiers, GLIDE's base.pt and upsample.pt), their preset inferred from the keys and
+  shapes, every key and shape checked; and `GPT2Tokenizer`, GLIDE's GPT-2 byte-pair encoding read
+  from the user's encoder.json / vocab.bpe with the standard library only.
 - trainable models: `ADM` (one UNet in a Gaussian diffusion, conditioned on labels, captions or a
   low-resolution image as its config says, with the condition dropped for classifier-free
   guidance), `NoisyClassifier`, and `GLIDE` (a text-conditional base model and a text-conditional

@@ -102,3 +102,19 @@ def test_inception_reproduces_pytorch_fid():
     with torch.no_grad():
         out = model.eval()(d["inputs"]["images"])
     assert out.shape == (2, 2048) and (out - d["output"]).abs().max() < 2e-3
+
+
+@needs_shared
+def test_a_file_of_pytorch_fids_layout_loads_into_the_right_parameters(tmp_path):
+    from test_released import cheap_state_dict, same
+    spec = json.loads((SHARED / "fid" / "pytorch_fid_inception.json").read_text())["state_dict"]
+    sd = cheap_state_dict(spec)
+    torch.save(sd, tmp_path / fid.WEIGHTS_FILE)
+    got = fid.load_inception(str(tmp_path / fid.WEIGHTS_FILE)).state_dict()
+    assert list(got) == list(sd)
+    for k, v in sd.items():
+        assert got[k].dtype == v.dtype and same(got[k], v), k
+    del sd["Mixed_6b.branch7x7_2.conv.weight"]
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="missing key 'Mixed_6b.branch7x7_2.conv.weight'"):
+        fid.load_inception(str(tmp_path / "bad.pth"))

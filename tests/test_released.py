@@ -55,9 +55,10 @@ def cheap_state_dict(spec, dtype=None, seed=0):
     return out
 
 
-def head(t):
-    """The distinct part of a cheap tensor: index 0 along every repeated (stride-0) dimension."""
-    return t[tuple(0 if s == 0 else slice(None) for s in t.stride())]
+def same(got, cheap):
+    """got equals the cheap tensor on its distinct part (index 0 along its repeated dimensions)."""
+    idx = tuple(0 if s == 0 else slice(None) for s in cheap.stride())
+    return got.shape == cheap.shape and torch.equal(got[idx], cheap[idx])
 
 
 def module_state(model, name):
@@ -85,11 +86,11 @@ def test_every_released_layout_loads_key_for_key(name, tmp_path):
         heads = model.config.num_heads
         for k, (ours, _) in names.items():
             want = sd[k] if not k.endswith(("qkv.weight", "qkv.bias")) else ddpm._qkv_from_iddpm(sd[k], heads)
-            assert torch.equal(head(got[ours].reshape(sd[k].shape)), head(want)), k
+            assert same(got[ours].reshape(sd[k].shape), want), k
     else:
         assert list(got) == list(sd)
         for k, v in sd.items():
-            assert torch.equal(head(got[k]), head(v)), k
+            assert same(got[k], v), k
 
 
 @needs_shared
@@ -396,3 +397,13 @@ def test_sample_py_fid(tiny_released, tmp_path, capsys):
     assert run_sample(f["64x64_diffusion.pt"], "--fid", tmp_path / "ref", "--inception", tmp_path / "inception.pth",
                       "-n", 2, "--steps", 2, "--label", 1) == 0
     assert capsys.readouterr().out.startswith("FID ")
+
+
+@needs_shared
+def test_a_given_preset_is_checked_against_that_layout(tmp_path):
+    spec = layout("256x256_diffusion.json")["state_dict"]
+    torch.save({k: torch.empty(v["shape"], device="meta") for k, v in spec.items()}, tmp_path / "cond.pt")
+    with pytest.raises(ValueError, match="unexpected key 'label_emb.weight' .*256x256_diffusion_uncond.pt"):
+        guided.load_openai(tmp_path / "cond.pt", preset="adm-imagenet256-uncond")
+    with pytest.raises(ValueError, match="unknown released preset"):
+        ddpm.load_openai(tmp_path / "cond.pt", preset="iddpm-cifar10")
