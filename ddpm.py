@@ -662,6 +662,8 @@ class UNet(nn.Module):
     def __init__(self, config):
         super().__init__()
         cfg = self.config = config
+        if cfg.time_embedding not in ("ho", "iddpm"):
+            raise ValueError(f"unknown time_embedding {cfg.time_embedding!r}; use 'ho' or 'iddpm'")
         ch, emb_dim = cfg.ch, 4 * cfg.ch
         c_out = cfg.in_channels * (2 if cfg.variance == "learned_range" else 1)
         res_block = lambda c_in, c_out_: ResBlock(c_in, c_out_, emb_dim, cfg.dropout, cfg.scale_shift_norm)
@@ -929,9 +931,9 @@ def load_openai(path, preset=None):
 
     The file (cifar10_uncond_50M_500K.pt or imagenet64_uncond_100M_1500K.pt; the user gives the
     path, nothing is downloaded; or the dict already loaded from it) is read with weights_only=True;
-    its layout (or `preset`, one of OPENAI_FILES' values) picks the preset, every key and shape is checked, and the weights are
-    renamed and rearranged into ddpm.UNet (see _iddpm_names, _qkv_from_iddpm). The diffusion is
-    theirs: T = 4000, cosine schedule, learned range, t fed to the network as t * 1000 / T.
+    its layout (or `preset`, one of OPENAI_FILES' values) picks the preset, every key and shape is
+    checked, and the weights are renamed and rearranged into ddpm.UNet (see _iddpm_names,
+    _qkv_from_iddpm). The diffusion is theirs: T = 4000, cosine schedule, learned range, t fed to the network as t * 1000 / T.
     """
     sd = read_state_dict(path)
     presets = [preset] if preset else list(OPENAI_FILES.values())

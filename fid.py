@@ -283,10 +283,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 @torch.no_grad()
 def features_of(model, images, batch_size=50):
     """Pool3 features (N, 2048) float64 numpy of images: a tensor (N, 3, H, W) in [0, 1], or an
-    iterable of such batches."""
+    iterable of such batches; the network sees at most batch_size images at a time (at 299 x 299
+    its activations take about 20 MB per image)."""
     device = next(model.parameters()).device
-    batches = images.split(batch_size) if torch.is_tensor(images) else images
-    out = [model(b.to(device)).double().cpu().numpy() for b in batches]
+    batches = [images] if torch.is_tensor(images) else images
+    out = [model(chunk.to(device)).double().cpu().numpy() for b in batches for chunk in b.split(batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 2048))
 
 
@@ -315,7 +316,8 @@ def load_statistics(path):
     try:
         with np.load(path, allow_pickle=False) as f:
             if "mu" not in f or "sigma" not in f:
-                raise ValueError(f"{path}: an FID reference .npz needs arrays mu and sigma; it has {', '.join(f.files)}")
+                raise ValueError(f"{path}: an FID reference .npz needs arrays mu and sigma; "
+                                 f"it has {', '.join(f.files)}")
             return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
     except (OSError, EOFError, ValueError) as e:
         if isinstance(e, ValueError) and "mu and sigma" in str(e):

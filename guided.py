@@ -45,7 +45,9 @@ Deviations and choices (stated openly):
 - CLIP guidance uses the cosine of normalised embeddings times `logit_scale`, as the released
   GLIDE code does (the paper writes the dot product f(x_t) . g(c)).
 - The file is longer than STYLE.md's 800 lines because it carries ddpm.py's diffusion process as a
-  checked copy (rule 3); the guided part itself is about 850 lines.
+  checked copy (rule 3), and GLIDE's tokenizer and the released-checkpoint loader (about 300
+  lines, kept here so that the file alone runs the released models); the models themselves are
+  about 850 lines.
 
 Glossary (paper symbol -> code name):
   x_t, t, y         x_t, t, y (class label; `num_classes` is the null label when p_uncond > 0)
@@ -305,7 +307,9 @@ def _gpt2_pretokenize(text):
     are those of Python's unicodedata; a character assigned only in a newer Unicode version than
     it knows counts as "other" (checked equal to `regex` on every code point Python's table has).
     """
-    kind = lambda ch: "s" if ch in _WHITE_SPACE else {"L": "L", "N": "N"}.get(unicodedata.category(ch)[0], "o")  # noqa: E731
+    def kind(ch):  # s: whitespace, L: letter, N: number, o: anything else
+        return "s" if ch in _WHITE_SPACE else {"L": "L", "N": "N"}.get(unicodedata.category(ch)[0], "o")
+
     contractions = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
     words, i, n = [], 0, len(text)
     while i < n:

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import ddpm
@@ -89,7 +90,7 @@ def build_parser():
                       help="unCLIP: -n edits of an image from caption FROM toward caption TO (section 3.3)")
     mode.add_argument("--fid", metavar="REF", default=None,
                       help="FID of -n samples against REF: an image folder, an .npz with mu and sigma, "
-                           "or 'test' (the run's test split); needs --inception")
+                           "or 'test' (the run's test split; test:N its first N images); needs --inception")
     p.add_argument("--inception", metavar="FILE", default=None,
                    help=f"--fid: the FID Inception weights, pytorch-fid's {fid.WEIGHTS_FILE}")
     p.add_argument("--upsampler", metavar="FILE", default=None,
@@ -227,12 +228,13 @@ def released_glide(base, base_info, args, device):
 def run_fid(args, model, info, kw, ac, device, t0):
     """--fid REF: FID between -n samples and REF (Heusel et al. 2017; fid.py)."""
     inception = fid.load_inception(args.inception, device)
-    if args.fid == "test":
+    if args.fid == "test" or args.fid.startswith("test:"):
         if not info["data"]:
             raise UsageError("--fid test needs a run of this project (its test split); give an image folder "
                              "or an .npz for a released model")
+        n_ref = int(args.fid[5:]) if args.fid[5:].isdigit() else -1
         ref = fid.statistics(fid.features_of(inception, (b["image"].float() * 0.5 + 0.5 for b in test_batches(
-            info, info["config"], -1, args.batch_size, device))))
+            info, info["config"], n_ref, args.batch_size, device))))
     else:
         ref = fid.reference_statistics(args.fid, inception, args.batch_size)
     feats = []
@@ -240,7 +242,6 @@ def run_fid(args, model, info, kw, ac, device, t0):
         for i in range(0, args.n, args.batch_size):
             x = model.sample(min(args.batch_size, args.n - i), **kw).float()
             feats.append(fid.features_of(inception, x * 0.5 + 0.5))
-    import numpy as np
     mu, sigma = fid.statistics(np.concatenate(feats))
     d = fid.frechet_distance(mu, sigma, *ref)
     print(f"FID {d:.2f}: {args.n} samples of {info['model']} against {args.fid} in {time.time() - t0:.1f}s")

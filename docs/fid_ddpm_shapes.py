@@ -1,7 +1,7 @@
 """FID of a default `train.py ddpm` run against the shapes test split (issue 23).
 
     python docs/fid_ddpm_shapes.py --inception pt_inception-2015-12-05-6726825d.pth [--run runs/ddpm]
-                                   [-n 1000] [--steps 100] [--device auto]
+                                   [-n 1000] [--steps 100] [--ref-n 2000] [--device auto]
 
 Trains the default run first when RUN holds no checkpoint, then runs
 `python sample.py RUN --fid test --inception FILE -n N [--steps S]`: N samples (EMA weights) and
@@ -23,6 +23,7 @@ p.add_argument("--inception", default=None, help=f"pytorch-fid's {fid.WEIGHTS_FI
 p.add_argument("--run", default="runs/ddpm", help="the ddpm run (trained with the defaults when empty)")
 p.add_argument("-n", type=int, default=1000, help="number of samples")
 p.add_argument("--steps", type=int, default=None, help="respaced sampling steps (default: all T)")
+p.add_argument("--ref-n", type=int, default=None, help="reference: the first N test images (default: all)")
 p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 a = p.parse_args()
 try:
@@ -33,5 +34,6 @@ except ValueError as e:
 if not any(Path(a.run).glob("ckpt*.pt")):
     if train.main(["ddpm", "--out", a.run, "--device", a.device]) != 0:
         sys.exit(2)
-argv = [a.run, "--fid", "test", "--inception", a.inception, "-n", str(a.n), "--device", a.device]
+ref = "test" if a.ref_n is None else f"test:{a.ref_n}"
+argv = [a.run, "--fid", ref, "--inception", a.inception, "-n", str(a.n), "--device", a.device]
 sys.exit(sample.main(argv + (["--steps", str(a.steps)] if a.steps else [])))

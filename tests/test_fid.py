@@ -59,11 +59,17 @@ def test_the_inception_has_pytorch_fids_keys():
         assert list(sd) == list(spec) and all(list(sd[k].shape) == v["shape"] for k, v in spec.items())
 
 
-def test_fid_of_random_images_with_random_weights(tmp_path):
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory):
+    """A weight file of random FID Inception weights, in the older format (no BatchNorm counters)."""
     torch.manual_seed(0)
-    net = fid.FIDInception().eval()
-    torch.save({k: v for k, v in net.state_dict().items() if "num_batches" not in k}, tmp_path / "w.pth")
-    model = fid.load_inception(str(tmp_path / "w.pth"))  # the older format, without the counters
+    path = tmp_path_factory.mktemp("inception") / "w.pth"
+    torch.save({k: v for k, v in fid.FIDInception().state_dict().items() if "num_batches" not in k}, path)
+    return str(path)
+
+
+def test_fid_of_random_images_with_random_weights(tmp_path, random_weights):
+    model = fid.load_inception(random_weights)
     g = torch.Generator().manual_seed(1)
     images = (torch.rand(3, 3, 16, 16, generator=g) * 255).round() / 255
     f1 = fid.features_of(model, images, batch_size=2)
@@ -118,3 +124,21 @@ def test_a_file_of_pytorch_fids_layout_loads_into_the_right_parameters(tmp_path)
     torch.save(sd, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="missing key 'Mixed_6b.branch7x7_2.conv.weight'"):
         fid.load_inception(str(tmp_path / "bad.pth"))
+
+
+def test_sample_py_fid_against_the_test_split_of_a_run(tmp_path, capsys, random_weights):
+    """`sample.py RUN --fid test:N`: a (fabricated, untrained) ddpm run of this project against its
+    first N shapes test images; random Inception weights."""
+    import dataclasses
+    import ddpm
+    import sample
+    cfg = dataclasses.replace(ddpm.PRESETS["tiny"], image_size=16, ch=8, ch_mult=(1, 2), attn_resolutions=(8,), T=50)
+    sd = ddpm.DDPM(cfg).state_dict()
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": "ddpm", "preset": "tiny", "config": dataclasses.asdict(cfg), "state_dict": sd, "ema": sd,
+                "step": 0, "hparams": {"data": "shapes"}}, run / "ckpt.pt")
+    assert sample.main([str(run), "--fid", "test:2", "--inception", random_weights,
+                        "-n", "2", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("FID ") and "against test:2" in out

@@ -43,7 +43,8 @@ def cheap_state_dict(spec, dtype=None, seed=0):
     for i, (k, v) in enumerate(spec.items()):
         dt = dtype or getattr(torch, v["dtype"])
         if dt not in base:
-            base[dt] = base[torch.float32].to(dt) if dt.is_floating_point else torch.randint(0, 100, (STORAGE,), generator=g)
+            base[dt] = (base[torch.float32].to(dt) if dt.is_floating_point
+                        else torch.randint(0, 100, (STORAGE,), generator=g))
         shape = v["shape"]
         strides, inner = [0] * len(shape), 1
         for d in reversed(range(len(shape))):
@@ -151,7 +152,8 @@ def test_unknown_truncated_and_code_needing_files_are_refused(tmp_path):
 
 def test_released_presets_have_the_authors_parameter_counts():
     with torch.device("meta"):
-        counts = {p: sum(q.numel() for q in ddpm.UNet(ddpm.PRESETS[p]).parameters()) for p in ddpm.OPENAI_FILES.values()}
+        counts = {p: sum(q.numel() for q in ddpm.UNet(ddpm.PRESETS[p]).parameters())
+                  for p in ddpm.OPENAI_FILES.values()}
         uncond = sum(q.numel() for q in guided.UNet(guided.PRESETS["adm-imagenet256-uncond"]).parameters())
     assert counts == {"cifar10_uncond_50M_500K": 52_546_438, "imagenet64_uncond_100M_1500K": 121_063_942}
     assert uncond == 552_814_086
@@ -382,28 +384,9 @@ def test_sample_py_refuses_unknown_corrupt_and_changed_files(tiny_released, tmp_
     assert sorted(p.name for p in d.iterdir()) == before  # nothing written
 
 
-def test_sample_py_fid(tiny_released, tmp_path, capsys):
+def test_sample_py_fid_without_weights_says_where_to_get_them(tiny_released, tmp_path, capsys):
+    # (the whole --fid path runs in tests/test_fid.py)
     from conftest import error_line
-    from PIL import Image
-    f = tiny_released
-    assert run_sample(f["64x64_diffusion.pt"], "--fid", tmp_path, "-n", 2) == 2
-    assert "pt_inception-2015-12-05-6726825d.pth" in error_line(capsys)
-    torch.manual_seed(0)
-    import fid
-    torch.save(fid.FIDInception().state_dict(), tmp_path / "inception.pth")
-    (tmp_path / "ref").mkdir()
-    for i in range(2):
-        Image.fromarray((torch.rand(8, 8, 3) * 255).byte().numpy()).save(tmp_path / "ref" / f"{i}.png")
-    assert run_sample(f["64x64_diffusion.pt"], "--fid", tmp_path / "ref", "--inception", tmp_path / "inception.pth",
-                      "-n", 2, "--steps", 2, "--label", 1) == 0
-    assert capsys.readouterr().out.startswith("FID ")
-
-
-@needs_shared
-def test_a_given_preset_is_checked_against_that_layout(tmp_path):
-    spec = layout("256x256_diffusion.json")["state_dict"]
-    torch.save({k: torch.empty(v["shape"], device="meta") for k, v in spec.items()}, tmp_path / "cond.pt")
-    with pytest.raises(ValueError, match="unexpected key 'label_emb.weight' .*256x256_diffusion_uncond.pt"):
-        guided.load_openai(tmp_path / "cond.pt", preset="adm-imagenet256-uncond")
-    with pytest.raises(ValueError, match="unknown released preset"):
-        ddpm.load_openai(tmp_path / "cond.pt", preset="iddpm-cifar10")
+    assert run_sample(tiny_released["64x64_diffusion.pt"], "--fid", tmp_path, "-n", 2) == 2
+    line = error_line(capsys)
+    assert "pt_inception-2015-12-05-6726825d.pth" in line and "github.com/mseitzer/pytorch-fid/releases" in line
