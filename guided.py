@@ -1180,10 +1180,9 @@ def load_openai(path, preset=None):
     as `ADM`, its 64/128/256 noisy classifiers as `NoisyClassifier`, GLIDE's base.pt and
     upsample.pt as `ADM` with the glide-base / glide-upsample presets (give the model a BPE with
     `model.config.bpe_dir` for their captions). The file (or the dict already loaded from it) is
-    read with weights_only=True; its
-    layout picks the preset unless `preset` names one (see OPENAI_FILES); every key and shape is
-    checked, and a mismatch is a ValueError of one line naming the key and the layout expected.
-    Weights stored in float16 are cast to float32. The module names are the authors', so this is
+    read with weights_only=True; its layout picks the preset unless `preset` names one (see
+    OPENAI_FILES); every key and shape is checked, and a mismatch is a ValueError of one line
+    naming the key and the layout expected. Weights stored in float16 are cast to float32. The module names are the authors', so this is
     a key-for-key copy; the diffusion (T, schedule, learned sigma) is the preset's, as trained.
     """
     sd = read_state_dict(path)
