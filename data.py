@@ -216,6 +216,22 @@ def caption_accuracy(images, captions):
     return {k: v / len(captions) for k, v in hits.items()}
 
 
+def background_level(images):
+    """Mean absolute value, on the 0-255 scale, of the background of shapes images: every pixel
+    outside the largest blob that `judge_shapes` takes for the shape. The data's backgrounds are
+    pure black (0); speckle and tints of generated images raise it. images: (B, 3, S, S) in
+    [-1, 1] -> a float (the mean over images)."""
+    imgs = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).numpy()  # (B, 3, S, S)
+    levels = []
+    for img in imgs:
+        outside = np.ones(img.shape[1:], bool)
+        blob = _largest_component(img.max(0) > 127.5)
+        if blob is not None:
+            outside[blob] = False
+        levels.append(float(img[:, outside].mean()) if outside.any() else 0.0)
+    return float(np.mean(levels))
+
+
 # --- data: folders, MNIST, CIFAR-10 ---
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

@@ -405,6 +405,9 @@ def run(args):
         print(f"{info['model']}: {len(captions)} shapes test captions, judged from the pixels:")
         for k, v in acc.items():
             print(f"  {k}: {100 * v:.1f}%")
+        ref = data.background_level(first_images(ds, len(captions)))
+        print(f"  background: {data.background_level(images):.2f} (mean |pixel| outside the shape, "
+              f"0-255; the test images: {ref:.2f})")
         out = Path(args.out) if args.out else free_path(run_dir, f"eval_captions_s{args.seed}")
         data.save_grid(images[:64], out)
         print(f"  time: {time.time() - t0:.1f}s; first 64 images in {out}")
@@ -420,6 +423,11 @@ def run(args):
     data.save_grid(images, out)
     print(f"wrote {out}: {args.n} samples in {time.time() - t0:.1f}s")
     return 0
+
+
+def first_images(ds, n):
+    """The first n images of a data set, (n, C, S, S)."""
+    return torch.stack([ds[i]["image"] for i in range(n)])
 
 
 def load_image(path, size):

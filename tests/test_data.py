@@ -171,3 +171,16 @@ def test_step_batches_resume_exactly():
     assert not set(sum(r0, [])) & set(sum(r1, []))
     with pytest.raises(data.UsageError, match="fewer than one batch"):
         data.StepBatches(4, 8, 0, 0, 1)
+
+
+def test_background_level_reads_what_surrounds_the_shape():
+    ds = ShapesDataset(8, 32, seed=3)
+    x = torch.stack([ds[i]["image"] for i in range(8)])
+    assert data.background_level(x) == 0.0  # drawn images: pure black around the shape
+    shape = x.max(1, keepdim=True).values > 0
+    grey = torch.where(shape, x, torch.full_like(x, -1 + 20 / 127.5))  # background at level 20
+    assert abs(data.background_level(grey) - 20) < 0.01
+    speck = x.clone()
+    speck[:, :, 0, 0] = 1.0  # a white corner pixel apart from the shape: background, not shape
+    assert abs(data.background_level(speck) - 255 / (32 * 32 - 1) * 1) < 2
+    assert data.background_level(speck) > 0
