@@ -45,18 +45,35 @@ EDIT_MODES = {"variations": ("variations", 1), "interpolate": ("interpolate", 2)
 EVAL_FLAGS = {
     "iwae-k": ("iwae_k", int, "VAE: importance samples of the IWAE bound in --eval"),
 }
+# flag -> (lowest, highest, lowest excluded) of its value, checked where it is parsed; a flag not
+# listed takes any finite number
+FLAG_RANGES = {
+    "n": (1, None, False), "seed": (0, 2**32 - 1, False), "batch-size": (1, None, False),
+    "eval": (1, None, False), "eval-captions": (1, None, False),
+    "temperature": (0, None, True), "steps": (1, None, False), "eta": (0, 1, False),
+    "label": (0, None, False), "top-k": (1, None, False), "top-p": (0, 1, True),
+    "candidates": (1, None, False), "prior-steps": (1, None, False),
+    "upsample-steps": (1, None, False), "iwae-k": (1, None, False),
+}
+
+
+def number(t, flag):
+    """train.number with the range of FLAG_RANGES[flag]."""
+    lo, hi, above = FLAG_RANGES.get(flag, (None, None, False))
+    return train.number(t, flag, lo, hi, above)
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0])
     p.add_argument("path", help="a checkpoint file or a run directory")
-    p.add_argument("-n", type=int, default=64, help="number of images")
+    p.add_argument("-n", type=number(int, "n"), default=64, help="number of images")
     p.add_argument("--out", default=None, help="output PNG (default: a new file in the run dir)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(int, "seed"), default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward in --eval")
+    p.add_argument("--batch-size", type=number(int, "batch-size"), default=256,
+                   help="images per forward in --eval")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the diffusion networks (U-Nets) for the sampling loop; "
                         "on CUDA each step replays as a CUDA graph")
@@ -65,9 +82,9 @@ def build_parser():
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--reconstruct", action="store_true",
                       help="autoencoders: test images beside their reconstructions")
-    mode.add_argument("--eval", nargs="?", const=-1, type=int, default=None, metavar="N",
+    mode.add_argument("--eval", nargs="?", const=-1, type=number(int, "eval"), default=None, metavar="N",
                       help="evaluate on N test images (default: the whole test split)")
-    mode.add_argument("--eval-captions", type=int, default=None, metavar="N",
+    mode.add_argument("--eval-captions", type=number(int, "eval-captions"), default=None, metavar="N",
                       help="text-to-image models: sample N shapes test captions and report how "
                            "often the image shows each attribute, judged from the pixels")
     mode.add_argument("--variations", metavar="IMAGE", default=None,
@@ -78,7 +95,8 @@ def build_parser():
                       help="unCLIP: -n edits of an image from caption FROM toward caption TO (section 3.3)")
     g = p.add_argument_group("model options (passed only when given)")
     for flag, (_, t, h) in {**SAMPLE_FLAGS, **EVAL_FLAGS}.items():
-        g.add_argument("--" + flag, type=t, default=None, help=h)
+        g.add_argument("--" + flag, type=number(t, flag) if t in (int, float) else t, default=None,
+                       help=h)
     return p
 
 

@@ -154,14 +154,74 @@ def _parse_value(t, text):
     return t(text)
 
 
-def _typed(t, flag):
+def _typed(t, flag, lo=None, hi=None):
+    """argparse type of a config field: t, with every number finite and within [lo, hi]."""
     def conv(text):
         try:
-            return _parse_value(t, text)
+            v = _parse_value(t, text)
         except ValueError:
             kind = getattr(t, "__name__", str(t))
             raise argparse.ArgumentTypeError(f"--{flag} takes {kind}, got {text!r}")
+        for x in (v if isinstance(v, tuple) else (v,)):
+            if isinstance(x, (int, float)) and not isinstance(x, bool) and not _within(x, lo, hi):
+                raise argparse.ArgumentTypeError(f"--{flag} takes {_kind(type(x), lo, hi)}"
+                                                 f"{' each' if isinstance(v, tuple) else ''}, "
+                                                 f"got {text!r}")
+        return v
     return conv
+
+
+def number(t, flag, lo=None, hi=None, above=False):
+    """argparse type of a numeric flag: t (int or float), finite, within [lo, hi] (lo excluded
+    when `above`). Bad values are refused where they are parsed, not found later as a hang
+    (--batch-size -3), a traceback (--log-every 0) or nonsense accepted (--ema-decay 2)."""
+    def conv(text):
+        try:
+            v = t(text)
+        except ValueError:
+            v = None
+        if v is None or not _within(v, lo, hi) or (above and v == lo):
+            raise argparse.ArgumentTypeError(f"{'-' * (1 + (len(flag) > 1))}{flag} takes "
+                                             f"{_kind(t, lo, hi, above)}, got {text!r}")
+        return v
+    return conv
+
+
+def _within(v, lo, hi):
+    return math.isfinite(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
+
+
+def _kind(t, lo, hi, above=False):
+    what = "an integer" if t is int else "a number"
+    if lo is not None and hi is not None:
+        return f"{what} from {lo} to {hi}"
+    if t is int and lo == 1:
+        return "a positive integer"
+    if lo is not None:
+        return f"{what} {'>' if above else '>='} {lo}"
+    return f"{what} <= {hi}" if hi is not None else f"a finite {'integer' if t is int else 'number'}"
+
+
+FRACTIONS = ("drop", "p_uncond", "gamma")  # config fields that are probabilities or decays: [0, 1]
+
+
+def _field_bounds(name, path, t):
+    """Generic limits of a config field given as a flag: counts and sizes (int) at least 1; other
+    numbers (float) not negative, and fractions (dropout, p_uncond, an EMA's gamma) at most 1.
+    Where a preset of the model uses a lower value (0 for "none", -1 for "automatic"), that value
+    is the limit instead. The model's own checks (ValueError) come on top."""
+    inner = (typing.get_args(t) or (int,))[0] if typing.get_origin(t) is tuple else t
+    if inner not in (int, float):
+        return None, None
+    values = []
+    for preset in presets(name).values():
+        v = preset
+        for part in path.split("."):
+            v = getattr(v, part)
+        values.extend(v if isinstance(v, tuple) else (v,))
+    lo = min([1 if inner is int else 0, *values])
+    leaf = path.rpartition(".")[2]
+    return lo, (1 if inner is float and any(f in leaf for f in FRACTIONS) else None)
 
 
 class Parser(argparse.ArgumentParser):
@@ -177,27 +237,38 @@ def build_parser(name=None):
     g = p.add_argument_group("training")
     g.add_argument("--preset", default=None, help="config preset of the model file (default: tiny)")
     g.add_argument("--data", default=None, help="shapes[:N] | folder:PATH | mnist:PATH | cifar10:PATH")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps per phase")
-    g.add_argument("--batch-size", type=int, default=None, help="global batch size")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
-    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (0.0)")
-    g.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (100)")
+    g.add_argument("--steps", type=number(int, "steps", 1),
+                   default=None, help="optimizer steps per phase")
+    g.add_argument("--batch-size", type=number(int, "batch-size", 1),
+                   default=None, help="global batch size")
+    g.add_argument("--lr", type=number(float, "lr", 0, above=True),
+                   default=None, help="AdamW learning rate")
+    g.add_argument("--weight-decay", type=number(float, "weight-decay", 0),
+                   default=None, help="AdamW weight decay (0.0)")
+    g.add_argument("--warmup", type=number(int, "warmup", 0),
+                   default=None, help="linear lr warm-up steps (100)")
     g.add_argument("--lr-schedule", default=None, choices=["constant", "cosine"],
                    help="after warm-up: constant lr, or cosine decay to 0 (CLIP; default per model)")
-    g.add_argument("--grad-clip", type=float, default=None, help="gradient norm clip (1.0)")
-    g.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the weights (0.999)")
+    g.add_argument("--grad-clip", type=number(float, "grad-clip", 0),
+                   default=None, help="gradient norm clip (1.0)")
+    g.add_argument("--ema-decay", type=number(float, "ema-decay", 0, 1),
+                   default=None, help="EMA decay of the weights (0.999)")
     g.add_argument("--out", default=None, help="run directory (default runs/MODEL)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="autocast precision; weights and optimizer stay fp32")
-    g.add_argument("--seed", type=int, default=None, help="seed of data order and noise (0)")
+    g.add_argument("--seed", type=number(int, "seed", 0, 2**32 - 1),
+                   default=None, help="seed of data order and noise (0)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     g.add_argument("--phase", "--part", default=None, help="train only this phase (part)")
-    g.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
-    g.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
-    g.add_argument("--sample-n", type=int, default=None,
+    g.add_argument("--log-every", type=number(int, "log-every", 1),
+                   default=50, help="steps between progress lines")
+    g.add_argument("--save-every", type=number(int, "save-every", 1),
+                   default=500, help="steps between checkpoints")
+    g.add_argument("--sample-n", type=number(int, "sample-n", 0), default=None,
                    help="images in samples.png at the end (default 64; 25 for unclip)")
-    g.add_argument("--workers", type=int, default=None, help="data loader workers (0 CPU, 4 CUDA)")
+    g.add_argument("--workers", type=number(int, "workers", 0),
+                   default=None, help="data loader workers (0 CPU, 4 CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training step")
     g.add_argument("--channels-last", action="store_true",
                    help="convolution weights in channels_last memory format, so convolutions run "
@@ -214,7 +285,8 @@ def build_parser(name=None):
                 c.add_argument("--" + flag, dest=dest, default=None,
                                action=argparse.BooleanOptionalAction)
             else:
-                c.add_argument("--" + flag, dest=dest, default=None, type=_typed(t, flag),
+                c.add_argument("--" + flag, dest=dest, default=None,
+                               type=_typed(t, flag, *_field_bounds(name, path, t)),
                                metavar=getattr(t, "__name__", "VALUE").upper())
     return p
 
@@ -584,7 +656,7 @@ def run_training(args, overrides):
         torch.manual_seed(next(iter(hparams.values()))["seed"])  # the same init on every rank
         try:
             model = model_class(name)(config)
-        except (ValueError, TypeError) as e:
+        except Exception as e:  # the config came from the user's flags: any failure is theirs to fix
             raise UsageError(f"invalid {name} config: {e}")
         model.to(device)
         if args.channels_last:  # 4-d weights only: each convolution then computes and returns
