@@ -45,8 +45,10 @@ def write_atomic(path, write):
         write(tmp)
         _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file itself
+            e.filename = str(path)
         raise
     try:  # the rename itself reaches the disk with the directory
         _fsync(path.parent)

@@ -12,15 +12,26 @@ error. A missing, corrupt or unknown checkpoint is a one-line error with exit co
 import argparse
 import inspect
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-import torch
 
-import data
-import train
-from data import UsageError
+def interrupted_at_start(signum, frame):
+    print("interrupted (Ctrl-C) while starting; nothing was written", file=sys.stderr)
+    os._exit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line and exit 130, no traceback
+    signal.signal(signal.SIGINT, interrupted_at_start)
+
+import torch  # noqa: E402 (after the handler above)
+
+import data  # noqa: E402
+import train  # noqa: E402
+from data import UsageError  # noqa: E402
 
 # flag -> (keyword of model.sample / model.evaluate, type, help). Models take what they need.
 SAMPLE_FLAGS = {
@@ -68,6 +79,7 @@ def build_parser():
     p.add_argument("path", help="a checkpoint file or a run directory")
     p.add_argument("-n", type=number(int, "n"), default=64, help="number of images")
     p.add_argument("--out", default=None, help="output PNG (default: a new file in the run dir)")
+    p.add_argument("--force", action="store_true", help="let --out replace an existing PNG file")
     p.add_argument("--seed", type=number(int, "seed"), default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -106,19 +118,27 @@ class Parser(argparse.ArgumentParser):
 
 
 def load_model(path, device="cpu", ema=True):
-    """Checkpoint file or run directory -> (model, info). Loads every phase found in the run."""
+    """Checkpoint file or run directory -> (model, info). A run directory: every phase found in
+    it. A file: that file (whatever its name) for its phase, and the checkpoints of the model's
+    other phases beside it (ckpt_PHASE.pt)."""
     path = Path(path)
+    key = "ema" if ema else "state_dict"
     if path.is_dir():
         files = sorted(path.glob("ckpt*.pt"))
+        others = sorted(p.name for p in path.glob("*.pt"))
+        if not files and others:
+            raise UsageError(f"{path}: no checkpoint named ckpt*.pt in this directory, but it holds "
+                             f"{', '.join(others)}: to sample from one, give the file itself "
+                             f"(python sample.py {path / others[0]})")
         if not files:
             raise UsageError(f"{path}: no checkpoint (ckpt*.pt) in this directory; "
                              f"train one with python train.py MODEL --out {path}")
-        first = files[0]
+        first, given = files[0], None
     elif path.exists():
-        first = path
+        first = given = path
     else:
         raise UsageError(f"{path}: no such checkpoint or run directory")
-    ck = _load(first, device)
+    ck = _load(first, device, key)
     name = ck.get("model")
     if name not in train.MODELS:
         raise UsageError(f"{first} holds a checkpoint of unknown model {name!r}; "
@@ -130,34 +150,55 @@ def load_model(path, device="cpu", ema=True):
     except (TypeError, ValueError, KeyError) as e:
         raise UsageError(f"{first}: its config does not build a {name} model ({e})")
     run = first.parent
+    phases = train.phases_of(cls)
+    given_phase = ck.get("phase", phases[0]) if given else None
+    if given and given_phase not in phases:
+        raise UsageError(f"{given} holds phase {given_phase!r}; a {name} model has phases "
+                         f"{', '.join(phases)}")
     loaded = []
-    for phase in train.phases_of(cls):
-        f = run / train.ckpt_name(cls, phase)
-        if not f.exists():
-            continue
-        c = ck if f == first else _load(f, device)
-        try:
-            train.phase_module(model, phase).load_state_dict(c["ema" if ema else "state_dict"])
-        except (RuntimeError, KeyError) as e:
-            raise UsageError(f"{f}: its weights do not fit the {name} model ({str(e)[:120]})")
+    for phase in phases:
+        if phase == given_phase:
+            f, c = given, ck
+        else:
+            f = run / train.ckpt_name(cls, phase)
+            if not f.exists():
+                continue
+            c = ck if f == first else _load(f, device, key)
+            if c["model"] != name:
+                raise UsageError(f"{f} is a checkpoint of a {c['model']} run, not of the {name} "
+                                 f"run of {first}")
+        train.load_weights(train.phase_module(model, phase), c[key], f, key)
         loaded.append(phase)
     model.to(device).eval()
-    info = {"model": name, "run": run, "phases": loaded,
-            "missing": [ph for ph in train.phases_of(cls) if ph not in loaded],
+    info = {"model": name, "run": run, "phases": loaded, "file": given,
+            "missing": [ph for ph in phases if ph not in loaded],
             "config": ck["config"], "data": ck.get("hparams", {}).get("data", "shapes"),
             "step": ck.get("step")}
     return model, info
 
 
-def _load(f, device):
-    try:
-        ck = torch.load(f, map_location=device, weights_only=True)
-    except Exception as e:
-        raise UsageError(f"{f} is not a readable checkpoint ({type(e).__name__}); "
-                         "it may be truncated: use another checkpoint")
-    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
-        raise UsageError(f"{f} is not a checkpoint of this project (no model/config entries)")
-    return ck
+def missing_phase(model, info):
+    """The UsageError for a model whose phases were not all found: say which file is missing and,
+    when the run directory holds checkpoints under other names (renamed, copied), which."""
+    run, name, missing = info["run"], info["model"], info["missing"][0]
+    want = train.ckpt_name(model, missing)
+    if info["file"]:
+        return UsageError(f"{info['file']} holds phase {info['phases'][0]} of a {name} run; "
+                          f"sampling also needs phase {missing}, whose checkpoint {want} is not "
+                          f"beside it in {run}")
+    names = {train.ckpt_name(model, ph) for ph in train.phases_of(model)}
+    others = sorted(p.name for p in run.glob("*.pt") if p.name not in names)
+    if others:
+        return UsageError(f"{run} has no {want} (the checkpoint of phase {missing}), but holds "
+                          f"{', '.join(others)}: to sample from one, give the file itself "
+                          f"(python sample.py {run / others[0]})")
+    return UsageError(f"{run} has not finished phase {missing}; train it with "
+                      f"python train.py {name} --out {run} --resume")
+
+
+def _load(f, device, key="ema"):
+    """train.load_checkpoint: the same checks and messages as train.py --resume."""
+    return train.load_checkpoint(f, device, need=("model", "config", key))
 
 
 def model_kwargs(method, args, table, what):
@@ -228,7 +269,27 @@ def test_batches(info, config, n, batch_size, device):
         yield data.to_device(torch.utils.data.default_collate(items), device, in_ch)
 
 
+def checked_out(args):
+    """--out as a Path, checked before anything is loaded or sampled: a PNG name (an image is
+    never written over a checkpoint or any other kind of file), in an existing directory, and new
+    unless --force. None without --out (a new name in the run directory, free_path)."""
+    if args.out is None:
+        return None
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: sample.py writes PNG images; give a file name ending in .png")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name ending in .png")
+    if out.exists() and not args.force:
+        raise UsageError(f"--out {out} already exists; choose another name, or add --force to "
+                         "replace it")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: there is no directory {out.parent}")
+    return out
+
+
 def run(args):
+    args.out = checked_out(args)
     d, device = train.setup_dist(args.device)
     model, info = load_model(args.path, device, ema=not args.no_ema)
     torch.manual_seed(args.seed)
@@ -271,8 +332,7 @@ def run(args):
     if not hasattr(model, "sample"):
         raise UsageError(f"{info['model']} is not a generative model; it has no samples")
     if info["missing"]:
-        raise UsageError(f"{run_dir} has not finished phase {info['missing'][0]}; train it with "
-                         f"python train.py {info['model']} --out {run_dir} --resume")
+        raise missing_phase(model, info)
     for mode, (method_name, n_images) in EDIT_MODES.items():
         value = getattr(args, mode)
         if value is not None:
@@ -356,11 +416,19 @@ def main(argv=None):
     parser = build_parser()
     parser.__class__ = Parser
     try:
+        if signal.getsignal(signal.SIGINT) is interrupted_at_start:  # torch is loaded: Ctrl-C is
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a KeyboardInterrupt again
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
         return run(args)
     except (UsageError, ValueError) as e:  # the model files raise ValueError for bad input or config
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # images are written whole or not at all (data.write_atomic)
+        print("interrupted (Ctrl-C); no image was written", file=sys.stderr)
+        return 130
+    except OSError as e:  # an output that cannot be written, an input that cannot be read
+        print(f"error: {train.one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
