@@ -796,7 +796,7 @@ def resolve_run(name, args, overrides):
     if args.resume and not existing:
         raise UsageError(f"--resume: there is no run in {run} to continue (no run.json); "
                          "drop --resume to start one")
-    if not args.resume and run.exists() and any(run.iterdir()):
+    if not args.resume and run.exists() and any(p.name != ".lock" for p in run.iterdir()):
         new_phase = (args.phase and existing and not (run / ckpt_name(cls, args.phase)).exists())
         if not new_phase:
             raise UsageError(f"{run} already holds a run; continue it with --resume, "
@@ -944,10 +944,10 @@ def claim_run(run, info=None):
     write one temporary file and interleave log.jsonl); a directory that cannot be written (read-
     only, a full disk) is refused here, not at the first checkpoint. A failure leaves a new
     directory as it was: absent."""
-    created = not run.exists()
-    lock = None
+    created, lock, lock_created, owned = not run.exists(), None, False, False
     try:
         run.mkdir(parents=True, exist_ok=True)
+        lock_created = not (run / ".lock").exists()
         lock = open(run / ".lock", "a")
         if fcntl is not None:
             try:
@@ -955,6 +955,7 @@ def claim_run(run, info=None):
             except BlockingIOError:
                 raise UsageError(f"{run} is in use by another train.py (which holds {run / '.lock'}); "
                                  "wait until it ends, or stop it first")
+        owned = True  # from here on, only this process changes the directory
         if info is not None and (run / "run.json").exists():  # a new run started there meanwhile
             raise UsageError(f"{run} already holds a run; continue it with --resume, "
                              "or choose a new directory with --out")
@@ -967,15 +968,16 @@ def claim_run(run, info=None):
             write_atomic(run / "run.json", lambda tmp: tmp.write_text(json.dumps(info, indent=1)))
         return lock
     except BaseException as e:
-        if lock is not None:
-            lock.close()
-        if created:  # leave no trace of a run that never started
+        if owned and info is not None:  # a new run that never started: leave no trace of it
             try:
-                for p in (run / ".lock", run / "run.json"):
-                    p.unlink(missing_ok=True)
-                run.rmdir()
+                if lock_created:
+                    (run / ".lock").unlink()
+                if created:
+                    run.rmdir()
             except OSError:
                 pass
+        if lock is not None:
+            lock.close()
         if isinstance(e, OSError):
             raise UsageError(f"--out {run}: cannot write there ({e.strerror or e}); free some space, "
                              "or choose another --out")

@@ -343,6 +343,19 @@ def test_full_disk_during_a_save_keeps_the_last_checkpoint(scratch):
     assert torch.load(scratch / "ckpt.pt", weights_only=True)["step"] == 6
 
 
+def test_a_full_disk_at_start_leaves_an_empty_directory_empty(tmp_path, capsys, monkeypatch):
+    def full(path, write):
+        raise OSError(28, "No space left on device")
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(train, "write_atomic", full)
+    assert run_train("vae", *SMALL, "--steps", 2, "--out", tmp_path / "empty") == 2
+    assert "cannot write there (No space left on device)" in error_line(capsys)
+    assert not list((tmp_path / "empty").iterdir())  # no .lock making it look like a run
+    monkeypatch.undo()
+    assert run_train("vae", *SMALL, "--steps", 2, "--out", tmp_path / "empty") == 0
+
+
 def test_unwritable_run_directory_is_refused_before_training(run, tmp_path, capsys):
     r = cli("train.py", "vae", *SMALL, "--steps", 2, "--out", tmp_path / "new", fsize=0)
     assert "cannot write there (File too large)" in one_line(r, 2)
