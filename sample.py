@@ -1,13 +1,15 @@
 """Sample, reconstruct or evaluate any trained model from its checkpoint alone.
 
-    python sample.py CKPT_OR_RUN_DIR [-n N] [--out FILE.png] [--seed S] [--device ...] [--no-ema]
+    python sample.py CKPT_OR_RUN_DIR [-n N] [--out FILE.png [--force]] [--seed S] [--no-ema]
                      [--reconstruct] [--eval [N]] [--eval-captions N] [--variations IMAGE]
                      [--interpolate IMAGE IMAGE] [--text-diff IMAGE FROM TO] [model sampling flags]
 
 The model is rebuilt from the config stored in the checkpoint (loaded with weights_only=True), and
 the EMA weights are used unless --no-ema. Sampling flags (--steps, --eta, --temperature, --label,
 --prompt, ...) are passed to `model.sample` only when given; a flag the model does not take is an
-error. A missing, corrupt or unknown checkpoint is a one-line error with exit code 2.
+error. A missing, corrupt or unknown checkpoint is a one-line error with exit code 2. A file
+given is the file sampled, whatever its name; --out never replaces an existing file unless
+--force (and then only a PNG); Ctrl-C exits 130 and leaves no partial image.
 """
 import argparse
 import inspect
@@ -94,9 +96,11 @@ def build_parser():
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--reconstruct", action="store_true",
                       help="autoencoders: test images beside their reconstructions")
-    mode.add_argument("--eval", nargs="?", const=-1, type=number(int, "eval"), default=None, metavar="N",
+    mode.add_argument("--eval", nargs="?", const=-1, type=number(int, "eval"), default=None,
+                      metavar="N",
                       help="evaluate on N test images (default: the whole test split)")
-    mode.add_argument("--eval-captions", type=number(int, "eval-captions"), default=None, metavar="N",
+    mode.add_argument("--eval-captions", type=number(int, "eval-captions"), default=None,
+                      metavar="N",
                       help="text-to-image models: sample N shapes test captions and report how "
                            "often the image shows each attribute, judged from the pixels")
     mode.add_argument("--variations", metavar="IMAGE", default=None,

@@ -11,6 +11,11 @@ The loop is generic: it calls `model.loss(batch)` (STYLE.md rule 8) and, at the 
 `model.sample(n)`; models that train in phases (an autoencoder, then its prior) declare `phases`
 and get one checkpoint per phase in the run directory. INTERFACE.md gives the whole contract. The
 data sets, the pixel judge and the PNG writer live in data.py.
+
+Faults end in one line and a non-zero exit, losing nothing (tests/test_faults.py): numeric flags
+are checked where they are parsed; checkpoints are written whole (fsync, then a rename), carry a
+SHA-256 of their tensors, and are read by one function (`load_checkpoint`, also sample.py's); a
+running train.py holds RUN/.lock; Ctrl-C anywhere exits 130.
 """
 import argparse
 import copy
