@@ -730,6 +730,13 @@ def train_phase(model, name, phase, run, cfg, hp, datasets, device, d, args):
                 if bool(nonfinite):
                     raise FloatingPointError
                 saved = last_good = checkpoint(step)
+    except (RuntimeError, IndexError, ValueError) as e:
+        if step > first_step or args.compile:  # a fault in a run that was training (or in the
+            raise  # compiler): a bug, keep its traceback
+        # the first step: the config does not fit the data or the device (channels, classes,
+        # memory); nothing was trained, nothing is lost
+        raise UsageError(f"{name} cannot train phase {phase} with this config on --data "
+                         f"{hp['data']}: {' '.join(str(e).split())[:200]}")
     except FloatingPointError:
         kept = f"the checkpoint of step {last_good} is kept" if last_good else (
             "the last checkpoint is kept" if path.exists() else "no checkpoint was written")
@@ -867,7 +874,7 @@ def read_run_info(path, name):
 def run_training(args, overrides):
     name = args.model
     d, device = setup_dist(args.device)
-    lock = None
+    lock = info = None
     try:
         if args.precision == "fp16" and device.type != "cuda":
             raise UsageError("--precision fp16 needs CUDA; on a CPU use bf16 or fp32")
@@ -933,6 +940,10 @@ def run_training(args, overrides):
                 raise TrainingStopped(f"error: cannot write the samples into {run} ({e.strerror or e}); "
                                       f"the checkpoints are complete: sample with python sample.py {run}", 1)
         return 0
+    except UsageError:
+        if info is not None and lock is not None and not any(run.glob("ckpt*.pt")):
+            (run / "run.json").unlink(missing_ok=True)  # a new run that never saved a step (its
+        raise  # config did not fit the data): the same --out can be used again
     finally:
         if lock is not None:
             lock.close()  # releases the run directory

@@ -488,3 +488,17 @@ def test_bad_data_files_say_what_is_wrong(tmp_path, capsys):
     assert "shapes takes a positive number of images" in error_line(capsys)
     assert not (tmp_path / "new").exists()
     unchanged(before)
+
+
+def test_a_config_that_does_not_fit_the_data_is_one_line(tmp_path, capsys):
+    """Found beyond the issue: a config that builds but cannot take the data fails at the first
+    step (a traceback before). One line; the run, which never trained, leaves the --out usable."""
+    for argv, message in ((["vae", *SMALL, "--in-channels", "2"], "to have 2 channels"),
+                          (["adm", "--image-size", "16", "--model-channels", "32", "--batch-size", "2",
+                            "--data", "shapes:8", "--num-classes", "3"], "index out of range")):
+        out = tmp_path / argv[0]
+        assert run_train(*argv, "--steps", 2, "--sample-n", 0, "--out", out) == 2
+        line = error_line(capsys)
+        assert f"{argv[0]} cannot train phase main with this config" in line and message in line
+        assert not (out / "run.json").exists()
+    assert run_train("vae", *SMALL, "--steps", 2, "--out", tmp_path / "vae") == 0
