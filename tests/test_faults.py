@@ -128,12 +128,11 @@ def test_sample_out_never_overwrites(run, tmp_path, capsys):
     before = snapshot(run)
     r = cli("sample.py", run, "-n", 1, "--out", run / "ckpt.pt")
     assert "writes PNG images" in one_line(r, 2)
-    r = cli("sample.py", run, "-n", 1, "--out", run / "samples.png")
-    assert "already exists" in one_line(r, 2) and "--force" in r.stderr
-    for out, message in [(run / "run.json", "writes PNG images"),
+    for out, message in [(run / "samples.png", "already exists; choose another name, or add --force"),
+                         (run / "ckpt.pt", "writes PNG images"), (run / "run.json", "writes PNG images"),
                          (tmp_path / "no" / "such" / "dir.png", "there is no directory"),
                          (run, "writes PNG images")]:
-        for force in ([], ["--force"]):
+        for force in ([], ["--force"]) if out.suffix != ".png" else ([],):
             assert sample.main([str(run), "-n", "1", "--out", str(out), *force]) == 2
             assert message in error_line(capsys)
     (tmp_path / "d.png").mkdir()
@@ -254,14 +253,6 @@ BAD_CHECKPOINTS = {  # damage -> a part of the one line both scripts print
     "weights of another shape": "weights do not fit",
     "another model's": "",
 }
-
-
-def test_bad_checkpoint_on_resume_is_one_line_in_a_subprocess(scratch, tmp_path):
-    _damage(scratch / "ckpt.pt", "truncated", tmp_path)
-    before = snapshot(scratch)
-    r = cli("train.py", "vae", "--out", scratch, "--resume", "--steps", 4)
-    assert "not a readable checkpoint" in one_line(r, 2)
-    unchanged(before)
 
 
 @pytest.mark.parametrize("how", list(BAD_CHECKPOINTS))
