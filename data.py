@@ -551,15 +551,17 @@ def to_device(batch, device, in_channels=3):
             **{k: image(v) for k, v in batch.items() if k == "image" or k.startswith("image_")}}
 
 
-def save_grid(images, path, nrow=None, pad=2):
-    """(N, C, H, W) in [-1, 1] -> one PNG grid, written atomically."""
+def save_grid(images, path, nrow=None, pad=2, pad_value=0):
+    """(N, C, H, W) in [-1, 1] -> one PNG grid, written atomically; `pad` pixels of grey level
+    `pad_value` (0-255) between the images."""
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     N, C, H, W = x.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(N)))
     rows = math.ceil(N / nrow)
-    grid = torch.zeros(C, rows * (H + pad) + pad, nrow * (W + pad) + pad, dtype=torch.uint8)
+    grid = torch.full((C, rows * (H + pad) + pad, nrow * (W + pad) + pad), pad_value,
+                      dtype=torch.uint8)
     for i in range(N):
         r, c = divmod(i, nrow)
         grid[:, pad + r * (H + pad):pad + r * (H + pad) + H,

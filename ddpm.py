@@ -21,6 +21,11 @@ What is implemented:
   eq. 12); the model always sees the ORIGINAL time indices 0..T-1;
 - Ho et al.'s U-Net and its Improved DDPM variant (scale-shift norm, multi-head attention, a
   second output for the variance), with the papers' CIFAR-10 presets.
+- `load_openai(path)`: Nichol & Dhariwal's released checkpoints (cifar10_uncond_50M_500K.pt,
+  imagenet64_uncond_100M_1500K.pt), checked key for key and mapped onto this U-Net: their module
+  names, their per-head qkv rows and Conv1d projections are rearranged by the loader; their time
+  embedding ([cos, sin] over half, with t fed as t * 1000 / T) is the config's
+  `time_embedding="iddpm"` and `rescale_timesteps=True`, since it is not a permutation of Ho's.
 
 Deviations and choices (stated openly):
 - Time steps are indexed 0..T-1 in code; the paper's t = 1..T is code t + 1.
@@ -71,6 +76,8 @@ class DDPMConfig:
     num_heads: int = 1                   # attention heads (Ho: 1; Improved DDPM: 4)
     dropout: float = 0.1                 # dropout inside the residual blocks
     scale_shift_norm: bool = False       # Improved DDPM: GroupNorm(h) (1 + scale) + shift from the time embedding
+    time_embedding: str = "ho"           # "ho" (Ho's code) or "iddpm" (Nichol & Dhariwal's); see timestep_embedding
+    rescale_timesteps: bool = False      # feed the network t * 1000 / T (Nichol & Dhariwal's released models)
     # diffusion
     T: int = 1000                        # number of diffusion steps
     schedule: str = "linear"             # beta schedule: linear (Ho) or cosine (Improved DDPM eq. 17)
@@ -93,6 +100,17 @@ PRESETS = {
     "iddpm-cifar10": DDPMConfig(num_res_blocks=3, attn_resolutions=(16, 8), num_heads=4, dropout=0.3,
                                 scale_shift_norm=True, T=4000, schedule="cosine", variance="learned_range",
                                 loss="hybrid"),
+    # Nichol & Dhariwal's released checkpoints (improved-diffusion README flags): iddpm-cifar10 with
+    # their time embedding and t rescaled to 0..1000; 52,546,438 parameters
+    "cifar10_uncond_50M_500K": DDPMConfig(num_res_blocks=3, attn_resolutions=(16, 8), num_heads=4, dropout=0.3,
+                                          scale_shift_norm=True, time_embedding="iddpm", rescale_timesteps=True,
+                                          T=4000, schedule="cosine", variance="learned_range", loss="hybrid"),
+    # ... and ImageNet 64x64, unconditional, dropout 0: 121,063,942 parameters
+    "imagenet64_uncond_100M_1500K": DDPMConfig(image_size=64, ch_mult=(1, 2, 3, 4), num_res_blocks=3,
+                                               attn_resolutions=(16, 8), num_heads=4, dropout=0.0,
+                                               scale_shift_norm=True, time_embedding="iddpm",
+                                               rescale_timesteps=True, T=4000, schedule="cosine",
+                                               variance="learned_range", loss="hybrid"),
 }
 
 
@@ -230,11 +248,17 @@ class GaussianDiffusion:
         For kept indices S_1 < ... < S_K the new process keeps alpha_bar_{S_i} and rebuilds
         beta_i = 1 - alpha_bar_{S_i} / alpha_bar_{S_{i-1}} (alpha_bar_{S_0} = 1), so sampling can
         take fewer steps than training without retraining. `timestep_map` remembers S_i so the
-        model still sees the original time index.
+        model still sees the original time index. `steps` may also be a list of the indices to
+        keep (a released model's own spacing, such as GLIDE's "fast27").
         """
         if steps is None or steps == self.num_timesteps:
             return self
-        kept = space_timesteps(self.num_timesteps, steps)
+        if isinstance(steps, (list, tuple)):
+            kept = sorted(set(steps))
+            if not kept or kept[0] < 0 or kept[-1] >= self.num_timesteps:
+                raise ValueError(f"time indices must lie in 0..{self.num_timesteps - 1}")
+        else:
+            kept = space_timesteps(self.num_timesteps, steps)
         ab = self.alpha_bar[kept]
         betas = 1.0 - ab / torch.cat([ab.new_ones(1), ab[:-1]])
         return GaussianDiffusion(betas, self.prediction, self.variance, self.loss_type,
@@ -504,13 +528,22 @@ class GaussianDiffusion:
 # --- U-Net ---
 
 
-def timestep_embedding(t, dim):
+def timestep_embedding(t, dim, kind="ho"):
     """Sinusoidal embedding of the (original) time index, as the Transformer's positions (Ho et al.
-    appendix B): [sin(t w_i), cos(t w_i)], w_i = 10000^(-i / (dim/2 - 1)). t: (B,) -> (B, dim)."""
+    appendix B): [sin(t w_i), cos(t w_i)], w_i = 10000^(-i / (dim/2 - 1)). t: (B,) -> (B, dim).
+
+    kind "iddpm" is the variant of Nichol & Dhariwal's released code, which their checkpoints
+    need: [cos(t w_i), sin(t w_i)] with w_i = 10000^(-i / (dim/2)) (not a permutation of Ho's:
+    the frequencies differ too)."""
+    if kind not in ("ho", "iddpm"):
+        raise ValueError(f"unknown time_embedding {kind!r}; use 'ho' or 'iddpm'")
     half = dim // 2
-    w = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half - 1, 1))
+    denom = max(half - 1, 1) if kind == "ho" else half
+    w = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / denom)
     arg = t.float()[:, None] * w[None]                                    # (B, dim/2)
-    return torch.cat([torch.sin(arg), torch.cos(arg)], 1)                 # (B, dim)
+    if kind == "ho":
+        return torch.cat([torch.sin(arg), torch.cos(arg)], 1)             # (B, dim)
+    return torch.cat([torch.cos(arg), torch.sin(arg)], 1)                 # (B, dim)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -629,6 +662,8 @@ class UNet(nn.Module):
     def __init__(self, config):
         super().__init__()
         cfg = self.config = config
+        if cfg.time_embedding not in ("ho", "iddpm"):
+            raise ValueError(f"unknown time_embedding {cfg.time_embedding!r}; use 'ho' or 'iddpm'")
         ch, emb_dim = cfg.ch, 4 * cfg.ch
         c_out = cfg.in_channels * (2 if cfg.variance == "learned_range" else 1)
         res_block = lambda c_in, c_out_: ResBlock(c_in, c_out_, emb_dim, cfg.dropout, cfg.scale_shift_norm)
@@ -670,7 +705,10 @@ class UNet(nn.Module):
         return h
 
     def forward(self, x, t):
-        emb = self.time_embed(timestep_embedding(t, self.config.ch))      # (B, 4 ch)
+        cfg = self.config
+        if cfg.rescale_timesteps:  # the released improved-diffusion models saw t in [0, 1000)
+            t = t.float() * (1000.0 / cfg.T)
+        emb = self.time_embed(timestep_embedding(t, cfg.ch, cfg.time_embedding))  # (B, 4 ch)
         h = self.conv_in(x)
         hs = [h]
         for layers in self.down:
@@ -704,8 +742,9 @@ class DDPM(nn.Module):
             raise ValueError(f"image_size {config.image_size} is not divisible by 2^{len(config.ch_mult) - 1} "
                              f"(one halving per extra entry of ch_mult)")
         self.net = UNet(config)
-        self.diffusion = GaussianDiffusion(make_beta_schedule(config.schedule, config.T),
-                                           config.prediction, config.variance, config.loss)
+        with torch.device("cpu"):  # float64 tables on the host, also for a model built on the meta device
+            self.diffusion = GaussianDiffusion(make_beta_schedule(config.schedule, config.T),
+                                               config.prediction, config.variance, config.loss)
         if config.loss == "vlb":
             # row T is a scratch row that absorbs writes beyond the last 10 of one batch
             self.register_buffer("loss_history", torch.zeros(config.T + 1, self.history_len, dtype=torch.float64))
@@ -783,3 +822,143 @@ class DDPM(nn.Module):
         out = self.diffusion.calc_bpd(self.net, batch["image"].float())
         return {"bpd": out["bpd"].mean(), "prior_bpd": out["prior_bpd"].mean(),
                 "decoder_bpd": out["vb"][:, 0].mean(), "diffusion_bpd": out["vb"][:, 1:].sum(1).mean()}
+
+
+# --- released checkpoints (Nichol & Dhariwal's improved-diffusion) ---
+
+# their file name -> the preset that rebuilds it
+OPENAI_FILES = {
+    "cifar10_uncond_50M_500K.pt": "cifar10_uncond_50M_500K",
+    "imagenet64_uncond_100M_1500K.pt": "imagenet64_uncond_100M_1500K",
+}
+
+
+def read_state_dict(path):
+    """A released weight file (or the dict already loaded from it) -> its flat {name: tensor} dict,
+    loaded with weights_only=True (a file that needs code execution to load is refused). Any
+    failure is a ValueError of one line."""
+    if isinstance(path, dict):
+        sd, path = path, "the state dict"
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such file") from None
+        except Exception as e:  # truncated zip, pickle that needs code, not a torch file at all
+            raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}); it may be "
+                             "truncated, or need code execution to load, which is refused") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise ValueError(f"{path}: not a state dict (a dict of named tensors)")
+    return sd
+
+
+def check_layout(state_dict, layouts, what):
+    """Find the layout a state dict has and check it key for key; return its name.
+
+    layouts: {name: {key: shape}}, each a released file's keys in order. The candidate with the
+    most (key, shape) pairs in common, less the keys it has and the file lacks, is checked (so an
+    unconditional file is not taken for the conditional one, whose keys include its own); the
+    first key that is missing, unexpected or of another shape raises a ValueError of one line
+    naming it and the layout. A state dict that shares fewer than half its keys with every
+    candidate is not one of `what`: the error lists them.
+    """
+    common = lambda lay: sum(tuple(v.shape) == lay.get(k) for k, v in state_dict.items())  # noqa: E731
+    name = max(layouts, key=lambda n: 2 * common(layouts[n]) - len(layouts[n]))
+    expected = layouts[name]
+    if 2 * common(expected) < len(expected):
+        raise ValueError(f"not a known layout of {what}; known: {', '.join(layouts)}")
+    for k, v in state_dict.items():
+        if k not in expected:
+            raise ValueError(f"unexpected key {k!r} for the layout of {name}")
+        if tuple(v.shape) != expected[k]:
+            raise ValueError(f"key {k!r} has shape {tuple(v.shape)}, the layout of {name} has {expected[k]}")
+    for k in expected:
+        if k not in state_dict:
+            raise ValueError(f"missing key {k!r} of the layout of {name}")
+    return name
+
+
+def _iddpm_names(net):
+    """{their key: (our key, their shape)} for a UNet built with a released preset.
+
+    Their UNetModel numbers the blocks of each path (input_blocks.N, middle_block, output_blocks.N,
+    out) where ours names them (conv_in, down.N-1, mid, up.N, norm_out, conv_out), names the
+    parts of a residual block after Sequential positions, and stores attention projections as
+    Conv1d weights (C_out, C_in, 1) where ours are Conv2d (C_out, C_in, 1, 1).
+    """
+    res = {"norm1": "in_layers.0", "conv1": "in_layers.2", "emb_proj": "emb_layers.1",
+           "norm2": "out_layers.0", "conv2": "out_layers.3", "skip": "skip_connection"}
+    top = {"conv_in": "input_blocks.0.0", "norm_out": "out.0", "conv_out": "out.2"}
+    out = {}
+    for key, v in net.state_dict().items():
+        parts = key.split(".")
+        shape = tuple(v.shape)
+        if parts[0] in top:
+            theirs = [top[parts[0]], *parts[1:]]
+        elif parts[0] == "time_embed":
+            theirs = parts
+        else:
+            path = {"down": "input_blocks", "mid": "middle_block", "up": "output_blocks"}[parts[0]]
+            if parts[0] == "mid":
+                block, rest = [path, parts[1]], parts[2:]
+            else:
+                n = int(parts[1]) + (parts[0] == "down")
+                block, rest = [path, str(n), parts[2]], parts[3:]
+            module = type(net.get_submodule(".".join(parts[:len(block)]))).__name__
+            if module == "ResBlock":
+                rest = [res[rest[0]], *rest[1:]]
+            elif module == "Downsample":
+                rest = ["op", *rest[1:]]
+            elif module == "AttnBlock" and rest[-1] == "weight" and rest[0] in ("qkv", "proj_out"):
+                shape = shape[:-1]
+            theirs = [*block, *rest]
+        out[".".join(theirs)] = (key, shape)
+    return out
+
+
+def _qkv_from_iddpm(w, heads):
+    """Their attention's qkv rows are grouped per head, [q_h, k_h, v_h] for h = 1..heads (the
+    reshape to (B heads, 3 C / heads, L) in their AttentionBlock); ours are [q | k | v], each split
+    into heads. Reorders the rows (dim 0) of a weight (3C, ...) or bias (3C,)."""
+    C3 = w.shape[0]
+    return w.reshape(heads, 3, C3 // (3 * heads), *w.shape[1:]).transpose(0, 1).reshape(C3, *w.shape[1:])
+
+
+def load_openai(path, preset=None):
+    """Nichol & Dhariwal's released improved-diffusion checkpoint -> a DDPM in eval mode, float32.
+
+    The file (cifar10_uncond_50M_500K.pt or imagenet64_uncond_100M_1500K.pt; the user gives the
+    path, nothing is downloaded; or the dict already loaded from it) is read with weights_only=True;
+    its layout (or `preset`, one of OPENAI_FILES' values) picks the preset, every key and shape is
+    checked, and the weights are renamed and rearranged into ddpm.UNet (see _iddpm_names,
+    _qkv_from_iddpm). The diffusion is theirs: T = 4000, cosine schedule, learned range, t fed to the network as t * 1000 / T.
+    """
+    sd = read_state_dict(path)
+    presets = [preset] if preset else list(OPENAI_FILES.values())
+    for p in presets:
+        if p not in OPENAI_FILES.values():
+            raise ValueError(f"unknown released preset {p!r}; known: {', '.join(OPENAI_FILES.values())}")
+    with torch.device("meta"):
+        nets = {p: UNet(PRESETS[p]) for p in presets}
+    names = {p: _iddpm_names(net) for p, net in nets.items()}
+    layouts = {f"improved-diffusion's {p}.pt": {k: s for k, (_, s) in names[p].items()} for p in presets}
+    found = check_layout(sd, layouts, "improved-diffusion's released checkpoints")
+    p = presets[list(layouts).index(found)]
+    with torch.device("meta"):
+        model = DDPM(PRESETS[p])
+    model.net.load_state_dict(from_iddpm(sd, model.net), strict=True, assign=True)
+    return model.eval()
+
+
+def from_iddpm(state_dict, net):
+    """An improved-diffusion UNetModel state dict (keys checked) -> the state dict of `net`, a
+    ddpm.UNet of the same configuration (time_embedding "iddpm"), in float32."""
+    ours, shapes = {}, net.state_dict()
+    for k, (key, _) in _iddpm_names(net).items():
+        v = state_dict[k].float()
+        if k.endswith(("qkv.weight", "qkv.bias")):
+            v = _qkv_from_iddpm(v, net.config.num_heads)
+        ours[key] = v.reshape(shapes[key].shape)                          # Conv1d (O, I, 1) -> Conv2d (O, I, 1, 1)
+    return ours

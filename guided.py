@@ -23,14 +23,20 @@ What is implemented:
 - classifier-free guidance: `ClassifierFreeGuidance` wraps a model so that one batched forward gives
   eps~ = eps(x_t, null) + s (eps(x_t, c) - eps(x_t, null)) (Ho & Salimans eq. 6 with s = 1 + w).
 - CLIP guidance: `clip_cond_fn` gives s grad_x (f(x_t, t) . g(c)) through the same hook.
+- `load_openai(path)`: the authors' released files (guided-diffusion's 64/128/256 diffusion models
+  and noisy classifiers, GLIDE's base.pt and upsample.pt), their preset inferred from the keys and
+  shapes, every key and shape checked; and `GPT2Tokenizer`, GLIDE's GPT-2 byte-pair encoding read
+  from the user's encoder.json / vocab.bpe with the standard library only.
 - trainable models: `ADM` (one UNet in a Gaussian diffusion, conditioned on labels, captions or a
   low-resolution image as its config says, with the condition dropped for classifier-free
   guidance), `NoisyClassifier`, and `GLIDE` (a text-conditional base model and a text-conditional
   upsampler, trained as two phases).
 
 Deviations and choices (stated openly):
-- Text is tokenised as UTF-8 bytes (no vocabulary file); the GLIDE presets keep the released
-  50,257-token embedding table so the counts match, but their ids are bytes, not GPT-2 BPE.
+- Text is tokenised as UTF-8 bytes by default (no vocabulary file); the GLIDE presets keep the
+  released 50,257-token embedding table so the counts match. With `bpe_dir` (GPT-2's encoder.json
+  and vocab.bpe, as glide-text2im ships them) captions get GLIDE's own BPE ids (`GPT2Tokenizer`,
+  standard library only), which the released weights need.
 - The null class of classifier-free guidance is an extra learned row of the label embedding,
   present only when `p_uncond > 0` (the ADM presets have none, so their counts match).
 - The upsampler's low-resolution input is the training image downsampled by area averaging, as in
@@ -39,7 +45,9 @@ Deviations and choices (stated openly):
 - CLIP guidance uses the cosine of normalised embeddings times `logit_scale`, as the released
   GLIDE code does (the paper writes the dot product f(x_t) . g(c)).
 - The file is longer than STYLE.md's 800 lines because it carries ddpm.py's diffusion process as a
-  checked copy (rule 3); the guided part itself is about 850 lines.
+  checked copy (rule 3), and GLIDE's tokenizer and the released-checkpoint loader (about 300
+  lines, kept here so that the file alone runs the released models); the models themselves are
+  about 850 lines.
 
 Glossary (paper symbol -> code name):
   x_t, t, y         x_t, t, y (class label; `num_classes` is the null label when p_uncond > 0)
@@ -51,8 +59,12 @@ Glossary (paper symbol -> code name):
   encoder_kv        projection of the context tokens into each attention layer's keys and values
 """
 
+import gzip
+import json
 import math
+import os
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 
 import torch
@@ -91,6 +103,7 @@ class ADMConfig:
     xf_final_ln: bool = True  # LayerNorm after the text Transformer
     xf_padding: bool = True  # learned embeddings at padded text positions (GLIDE)
     vocab_size: int = 256  # token embedding rows (256 bytes; GLIDE's BPE has 50,257)
+    bpe_dir: str = ""  # folder with GPT-2's encoder.json and vocab.bpe (or .gz): GLIDE's BPE; "": UTF-8 bytes
     diffusion_steps: int = 1000  # T
     noise_schedule: str = "cosine"  # "linear" (ADM 128/256, GLIDE upsampler) or "cosine"
     p_uncond: float = 0.1  # probability the condition is dropped in training (classifier-free)
@@ -162,6 +175,10 @@ PRESETS = {
                             noise_schedule="linear"),  # 421,529,606 parameters
     "adm-imagenet256": _adm(image_size=256, model_channels=256, num_res_blocks=2, channel_mult=(1, 1, 2, 2, 4, 4),
                             num_head_channels=64, noise_schedule="linear"),  # 553,838,086 parameters
+    # the same without classes (256x256_diffusion_uncond.pt): 552,814,086 parameters
+    "adm-imagenet256-uncond": _adm(image_size=256, model_channels=256, num_res_blocks=2,
+                                   channel_mult=(1, 1, 2, 2, 4, 4), num_head_channels=64, num_classes=0,
+                                   noise_schedule="linear"),
     # Nichol et al., released filtered GLIDE (glide-text2im model_creation.py)
     "glide-base": _glide(),  # 385,030,726 parameters
     "glide-upsample": _glide(image_size=256, num_res_blocks=2, channel_mult=(1, 1, 2, 2, 4, 4),
@@ -239,17 +256,158 @@ def group_norm(channels, groups=32):
     return GroupNorm(math.gcd(groups, channels), channels)
 
 
-def tokenize(captions, text_ctx):
-    """Captions -> (tokens (B, text_ctx) long, mask (B, text_ctx) bool): UTF-8 bytes, truncated to
-    text_ctx and padded at the end (mask False); the empty caption is all padding (GLIDE's
-    unconditional input)."""
-    tokens = torch.zeros(len(captions), text_ctx, dtype=torch.long)
+def tokenize(captions, text_ctx, bpe=None):
+    """Captions -> (tokens (B, text_ctx) long, mask (B, text_ctx) bool): UTF-8 bytes, or GPT-2 BPE
+    ids when `bpe` (a GPT2Tokenizer) is given, truncated to text_ctx and padded at the end (mask
+    False; the pad id is 0 for bytes, the end token for BPE, as GLIDE's padded_tokens_and_mask);
+    the empty caption is all padding (GLIDE's unconditional input)."""
+    tokens = torch.full((len(captions), text_ctx), bpe.end_token if bpe else 0, dtype=torch.long)
     mask = torch.zeros(len(captions), text_ctx, dtype=torch.bool)
     for i, c in enumerate(captions):
-        b = list(c.encode("utf-8"))[:text_ctx]
+        b = (bpe.encode(c) if bpe else list(c.encode("utf-8")))[:text_ctx]
         tokens[i, :len(b)] = torch.tensor(b, dtype=torch.long)
         mask[i, :len(b)] = True
     return tokens, mask
+
+
+# --- GLIDE's tokenizer: GPT-2's byte-pair encoding ---
+
+
+# Copied from clip._byte_symbols
+def _byte_symbols():
+    """The 256 printable characters that stand for the 256 bytes in OpenAI's merges file.
+
+    Bytes that are printable Latin-1 characters stand for themselves; the others (control codes,
+    space, soft hyphen ...) are given the characters 256, 257, ... in byte order, so that no symbol
+    is whitespace. Returned in OpenAI's vocabulary order (the printable ones first).
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = [b for b in range(256) if b not in table]
+    table.update({b: chr(256 + n) for n, b in enumerate(extra)})
+    return table
+
+
+# Unicode's White_Space property: what `\s` matches in the `regex` package GPT-2's pattern is
+# written for (str.isspace also counts the separators U+001C..U+001F, which it does not)
+_WHITE_SPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000"
+                         + "".join(chr(c) for c in range(0x2000, 0x200B)))
+
+
+def _gpt2_pretokenize(text):
+    """Splits text into words as GPT-2's pattern does, without the `regex` package:
+
+        's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+
+
+    At each position the first alternative that matches wins: a contraction; else an optional
+    space and a run of letters (category L*), of numbers (N*) or of other non-space characters;
+    else a run of whitespace, less its last character when a non-space follows (that character,
+    if a space, then leads the next word: the backtracking of \\s+(?!\\S)). Letters and numbers
+    are those of Python's unicodedata; a character assigned only in a newer Unicode version than
+    it knows counts as "other" (checked equal to `regex` on every code point Python's table has).
+    """
+    def kind(ch):  # s: whitespace, L: letter, N: number, o: anything else
+        return "s" if ch in _WHITE_SPACE else {"L": "L", "N": "N"}.get(unicodedata.category(ch)[0], "o")
+
+    contractions = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+    words, i, n = [], 0, len(text)
+    while i < n:
+        c = next((c for c in contractions if text.startswith(c, i)), None)
+        if c is not None:
+            words.append(c)
+            i += len(c)
+            continue
+        start = i + 1 if text[i] == " " and i + 1 < n and kind(text[i + 1]) != "s" else i
+        k = kind(text[start])
+        if k != "s":  # ' ?\p{L}+', ' ?\p{N}+' or ' ?[^\s\p{L}\p{N}]+'
+            j = start + 1
+            while j < n and kind(text[j]) == k:
+                j += 1
+        else:  # '\s+(?!\S)' or '\s+'
+            j = i + 1
+            while j < n and kind(text[j]) == "s":
+                j += 1
+            if j < n and j - i > 1:
+                j -= 1
+        words.append(text[i:j])
+        i = j
+    return words
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-pair encoder (Radford et al. 2019) as GLIDE uses it (section 2.3; glide-text2im's
+    tokenizer): the text is lower-cased, split into words (`_gpt2_pretokenize`), each word's UTF-8
+    bytes written as `_byte_symbols` and merged pair by pair, lowest rank first (Sennrich et al.
+    2016). Ids come from encoder.json (50,257 for GPT-2; the last, <|endoftext|>, pads).
+
+    bpe_dir: a folder with encoder.json and vocab.bpe, each possibly gzipped (glide-text2im ships
+    them as glide_text2im/tokenizer/encoder.json.gz and vocab.bpe.gz).
+    """
+
+    def __init__(self, bpe_dir):
+        self.encoder = json.loads(self._read(bpe_dir, "encoder.json"))
+        lines = self._read(bpe_dir, "vocab.bpe").split("\n")[1:]  # the first line is a version header
+        self.rank = {tuple(line.split()): r for r, line in enumerate(l for l in lines if l.strip())}
+        self.decoder = {i: s for s, i in self.encoder.items()}
+        self.byte_to_symbol = _byte_symbols()
+        self.symbol_to_byte = {s: b for b, s in self.byte_to_symbol.items()}
+        self.n_vocab = len(self.encoder)
+        self.end_token = self.n_vocab - 1
+        self.cache = {}
+
+    @staticmethod
+    def _read(folder, name):
+        for f in (os.path.join(folder, name), os.path.join(folder, name + ".gz")):
+            if os.path.isfile(f):
+                with (gzip.open(f, "rb") if f.endswith(".gz") else open(f, "rb")) as fh:
+                    return fh.read().decode("utf-8")
+        raise FileNotFoundError(f"no {name} (or {name}.gz) in {folder!r}: GLIDE's BPE files ship with "
+                                "glide-text2im, in glide_text2im/tokenizer/")
+
+    def bpe(self, word):
+        """Merges the symbols of one word, lowest-ranked pair first, until no known pair is left."""
+        if word in self.cache:
+            return self.cache[word]
+        parts = list(word)
+        while len(parts) > 1:
+            best = min(zip(parts, parts[1:]), key=lambda p: self.rank.get(p, math.inf))
+            if best not in self.rank:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        self.cache[word] = parts
+        return parts
+
+    def encode(self, text):
+        ids = []
+        for word in _gpt2_pretokenize(text.lower()):
+            symbols = "".join(self.byte_to_symbol[b] for b in word.encode("utf-8"))
+            ids.extend(self.encoder[p] for p in self.bpe(symbols))
+        return ids
+
+    def decode(self, ids):
+        text = "".join(self.decoder[i] for i in ids)
+        return bytes(self.symbol_to_byte[ch] for ch in text).decode("utf-8", errors="replace")
+
+
+_BPE_CACHE = {}
+
+
+def get_bpe(bpe_dir):
+    """GPT2Tokenizer of a folder (read once per folder), or None for "" (UTF-8 bytes)."""
+    if not bpe_dir:
+        return None
+    if bpe_dir not in _BPE_CACHE:
+        _BPE_CACHE[bpe_dir] = GPT2Tokenizer(bpe_dir)
+    return _BPE_CACHE[bpe_dir]
 
 
 def make_diffusion(c, **kw):
@@ -746,7 +904,11 @@ class ADM(nn.Module):
 
     @torch.compiler.disable  # host-side string work: torch.compile would specialise on every caption
     def _text(self, captions, device):
-        tokens, mask = tokenize(captions, self.config.text_ctx)
+        bpe = get_bpe(self.config.bpe_dir)
+        if bpe is not None and bpe.n_vocab > self.config.vocab_size:
+            raise ValueError(f"the BPE in {self.config.bpe_dir} has {bpe.n_vocab} tokens, the model's "
+                             f"embedding {self.config.vocab_size}: set vocab_size")
+        tokens, mask = tokenize(captions, self.config.text_ctx, bpe)
         return host_to_device(tokens, device), host_to_device(mask, device)
 
     def training_kwargs(self, batch, x_0):
@@ -882,14 +1044,158 @@ class GLIDE(nn.Module):
         return self.upsample.loss(batch)
 
     @torch.no_grad()
-    def sample(self, n, prompt=None, guidance_scale=3.0, steps=50, eta=None, progress=None):
+    def sample(self, n, prompt=None, guidance_scale=3.0, steps=50, eta=None, progress=None,
+               upsample_steps=None, upsample_eta=None, upsample_temp=1.0):
         """n images (n, C, S, S): base samples with guidance, then upsampled (prompt None: the
-        empty caption, i.e. unconditional samples)."""
+        empty caption, i.e. unconditional samples). The upsampler takes `steps` and `eta` unless
+        upsample_steps (a count, or a list of time indices such as `glide_fast27()`) and
+        upsample_eta are given; its x_T is scaled by upsample_temp. GLIDE's released notebook
+        samples the base with 100 ancestral steps at guidance 3 and the upsampler with DDIM
+        (eta 0) on fast27 from x_T * 0.997."""
         if prompt is None:
             guidance_scale = 1.0  # guidance toward the empty caption is the unconditional model
         low = self.base.sample(n, prompt=prompt, guidance_scale=guidance_scale, steps=steps, eta=eta,
                                progress=progress)
-        return self.upsample.sample(n, prompt=prompt, steps=steps, eta=eta, low_res=low, progress=progress)
+        u = self.upsample.config
+        noise = None
+        if upsample_temp != 1.0:
+            noise = torch.randn(n, u.in_channels, u.image_size, u.image_size, device=low.device) * upsample_temp
+        return self.upsample.sample(n, prompt=prompt, steps=steps if upsample_steps is None else upsample_steps,
+                                    eta=eta if upsample_eta is None else upsample_eta, low_res=low, noise=noise,
+                                    progress=progress)
+
+
+def glide_fast27(T=1000):
+    """GLIDE's "fast27" spacing of the upsampler's T steps (glide-text2im respace.py): T split into
+    five equal parts sampled with 10, 10, 3, 2 and 2 evenly spaced steps, the last index T - 1
+    replaced by T - 3 (against DDIM artefacts at the noisiest steps). 27 indices."""
+    counts, kept, start = (10, 10, 3, 2, 2), set(), 0
+    for i, k in enumerate(counts):
+        size = T // len(counts) + (i < T % len(counts))
+        stride = (size - 1) / (k - 1) if k > 1 else 1
+        kept |= {start + round(j * stride) for j in range(k)}
+        start += size
+    return sorted((kept - {T - 1}) | {T - 3})
+
+
+# --- released checkpoints (guided-diffusion and glide-text2im) ---
+
+# the authors' file name -> (our preset, which presets dict holds it)
+OPENAI_FILES = {
+    "64x64_diffusion.pt": ("adm-imagenet64", "PRESETS"),
+    "128x128_diffusion.pt": ("adm-imagenet128", "PRESETS"),
+    "256x256_diffusion.pt": ("adm-imagenet256", "PRESETS"),
+    "256x256_diffusion_uncond.pt": ("adm-imagenet256-uncond", "PRESETS"),
+    "64x64_classifier.pt": ("adm-classifier-imagenet64", "CLASSIFIER_PRESETS"),
+    "128x128_classifier.pt": ("adm-classifier-imagenet128", "CLASSIFIER_PRESETS"),
+    "256x256_classifier.pt": ("adm-classifier-imagenet256", "CLASSIFIER_PRESETS"),
+    "base.pt (GLIDE)": ("glide-base", "PRESETS"),
+    "upsample.pt (GLIDE)": ("glide-upsample", "PRESETS"),
+}
+
+
+# Copied from ddpm.read_state_dict
+def read_state_dict(path):
+    """A released weight file (or the dict already loaded from it) -> its flat {name: tensor} dict,
+    loaded with weights_only=True (a file that needs code execution to load is refused). Any
+    failure is a ValueError of one line."""
+    if isinstance(path, dict):
+        sd, path = path, "the state dict"
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such file") from None
+        except Exception as e:  # truncated zip, pickle that needs code, not a torch file at all
+            raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}); it may be "
+                             "truncated, or need code execution to load, which is refused") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise ValueError(f"{path}: not a state dict (a dict of named tensors)")
+    return sd
+
+
+# Copied from ddpm.check_layout
+def check_layout(state_dict, layouts, what):
+    """Find the layout a state dict has and check it key for key; return its name.
+
+    layouts: {name: {key: shape}}, each a released file's keys in order. The candidate with the
+    most (key, shape) pairs in common, less the keys it has and the file lacks, is checked (so an
+    unconditional file is not taken for the conditional one, whose keys include its own); the
+    first key that is missing, unexpected or of another shape raises a ValueError of one line
+    naming it and the layout. A state dict that shares fewer than half its keys with every
+    candidate is not one of `what`: the error lists them.
+    """
+    common = lambda lay: sum(tuple(v.shape) == lay.get(k) for k, v in state_dict.items())  # noqa: E731
+    name = max(layouts, key=lambda n: 2 * common(layouts[n]) - len(layouts[n]))
+    expected = layouts[name]
+    if 2 * common(expected) < len(expected):
+        raise ValueError(f"not a known layout of {what}; known: {', '.join(layouts)}")
+    for k, v in state_dict.items():
+        if k not in expected:
+            raise ValueError(f"unexpected key {k!r} for the layout of {name}")
+        if tuple(v.shape) != expected[k]:
+            raise ValueError(f"key {k!r} has shape {tuple(v.shape)}, the layout of {name} has {expected[k]}")
+    for k in expected:
+        if k not in state_dict:
+            raise ValueError(f"missing key {k!r} of the layout of {name}")
+    return name
+
+
+def _released_model(preset):
+    """The model of a released file's preset (ADM or NoisyClassifier), built on the meta device:
+    no memory is allocated until the weights are assigned."""
+    file = next(f for f, (p, _) in OPENAI_FILES.items() if p == preset)
+    table = OPENAI_FILES[file][1]
+    with torch.device("meta"):
+        if table == "CLASSIFIER_PRESETS":
+            return NoisyClassifier(CLASSIFIER_PRESETS[preset])
+        return ADM(PRESETS[preset])
+
+
+def _layout_name(preset):
+    file = next(f for f, (p, _) in OPENAI_FILES.items() if p == preset).split()[0]
+    return f"{'glide-text2im' if preset.startswith('glide') else 'guided-diffusion'}'s {file} ({preset})"
+
+
+def released_layouts(presets=None):
+    """{"guided-diffusion's FILE (preset)": {key: shape}} of the released files (or of those with
+    the given presets), in the authors' key order."""
+    if not _LAYOUTS:  # built once (about a second: nine networks on the meta device)
+        for preset, table in OPENAI_FILES.values():
+            m = _released_model(preset)
+            net = m if table == "CLASSIFIER_PRESETS" else m.unet
+            _LAYOUTS[preset] = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    return {_layout_name(p): lay for p, lay in _LAYOUTS.items() if presets is None or p in presets}
+
+
+_LAYOUTS = {}
+
+
+def load_openai(path, preset=None):
+    """A released guided-diffusion or GLIDE checkpoint -> the model, in eval mode, float32.
+
+    guided-diffusion's 64x64, 128x128, 256x256 (and 256x256 unconditional) diffusion models load
+    as `ADM`, its 64/128/256 noisy classifiers as `NoisyClassifier`, GLIDE's base.pt and
+    upsample.pt as `ADM` with the glide-base / glide-upsample presets (give the model a BPE with
+    `model.config.bpe_dir` for their captions). The file (or the dict already loaded from it) is
+    read with weights_only=True; its layout picks the preset unless `preset` names one (see
+    OPENAI_FILES); every key and shape is checked, and a mismatch is a ValueError of one line
+    naming the key and the layout expected. Weights stored in float16 are cast to float32. The module names are the authors', so this is
+    a key-for-key copy; the diffusion (T, schedule, learned sigma) is the preset's, as trained.
+    """
+    sd = read_state_dict(path)
+    known = [p for p, _ in OPENAI_FILES.values()]
+    if preset is not None and preset not in known:
+        raise ValueError(f"{preset!r} is not the preset of a released file; known: {', '.join(known)}")
+    layouts = released_layouts(None if preset is None else {preset})
+    found = check_layout(sd, layouts, "guided-diffusion's and GLIDE's released checkpoints")
+    preset = next(p for p in known if _layout_name(p) == found)
+    model = _released_model(preset)
+    net = model if isinstance(model, NoisyClassifier) else model.unet
+    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+    return model.eval()
 
 
 # --- the diffusion process (checked copies of ddpm.py) ---
@@ -1033,11 +1339,17 @@ class GaussianDiffusion:
         For kept indices S_1 < ... < S_K the new process keeps alpha_bar_{S_i} and rebuilds
         beta_i = 1 - alpha_bar_{S_i} / alpha_bar_{S_{i-1}} (alpha_bar_{S_0} = 1), so sampling can
         take fewer steps than training without retraining. `timestep_map` remembers S_i so the
-        model still sees the original time index.
+        model still sees the original time index. `steps` may also be a list of the indices to
+        keep (a released model's own spacing, such as GLIDE's "fast27").
         """
         if steps is None or steps == self.num_timesteps:
             return self
-        kept = space_timesteps(self.num_timesteps, steps)
+        if isinstance(steps, (list, tuple)):
+            kept = sorted(set(steps))
+            if not kept or kept[0] < 0 or kept[-1] >= self.num_timesteps:
+                raise ValueError(f"time indices must lie in 0..{self.num_timesteps - 1}")
+        else:
+            kept = space_timesteps(self.num_timesteps, steps)
         ab = self.alpha_bar[kept]
         betas = 1.0 - ab / torch.cat([ab.new_ones(1), ab[:-1]])
         return GaussianDiffusion(betas, self.prediction, self.variance, self.loss_type,

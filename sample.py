@@ -3,6 +3,7 @@
     python sample.py CKPT_OR_RUN_DIR [-n N] [--out FILE.png [--force]] [--seed S] [--no-ema]
                      [--reconstruct] [--eval [N]] [--eval-captions N] [--variations IMAGE]
                      [--interpolate IMAGE IMAGE] [--text-diff IMAGE FROM TO] [model sampling flags]
+                     [--fid REF --inception WEIGHTS] [--upsampler FILE] [--bpe-dir DIR]
 
 The model is rebuilt from the config stored in the checkpoint (loaded with weights_only=True), and
 the EMA weights are used unless --no-ema. Sampling flags (--steps, --eta, --temperature, --label,
@@ -10,8 +11,16 @@ the EMA weights are used unless --no-ema. Sampling flags (--steps, --eta, --temp
 error. A missing, corrupt or unknown checkpoint is a one-line error with exit code 2. A file
 given is the file sampled, whatever its name; --out never replaces an existing file unless
 --force (and then only a PNG); Ctrl-C exits 130 and leaves no partial image.
+
+The authors' released files load too (a plain state dict of a known layout, no run.json):
+guided-diffusion's diffusion models and classifiers, GLIDE's base.pt (with --upsampler
+upsample.pt and --bpe-dir), improved-diffusion's CIFAR-10 and ImageNet-64 models; they are sampled
+with the diffusion they were trained with and the respacing of the authors' sampling scripts.
+--fid REF scores -n samples against an image folder, an .npz of mu and sigma, or `test` (the run's
+test split), with the FID Inception weights of --inception (see fid.py).
 """
 import argparse
+import dataclasses
 import inspect
 import math
 import os
@@ -29,9 +38,13 @@ def interrupted_at_start(signum, frame):
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line and exit 130, no traceback
     signal.signal(signal.SIGINT, interrupted_at_start)
 
-import torch  # noqa: E402 (after the handler above)
+import numpy as np  # noqa: E402 (after the handler above)
+import torch  # noqa: E402
 
 import data  # noqa: E402
+import ddpm  # noqa: E402
+import fid  # noqa: E402
+import guided  # noqa: E402
 import train  # noqa: E402
 from data import UsageError  # noqa: E402
 
@@ -109,6 +122,15 @@ def build_parser():
                       help="unCLIP: -n images interpolating between two images (section 3.2)")
     mode.add_argument("--text-diff", nargs=3, metavar=("IMAGE", "FROM", "TO"), default=None,
                       help="unCLIP: -n edits of an image from caption FROM toward caption TO (section 3.3)")
+    mode.add_argument("--fid", metavar="REF", default=None,
+                      help="FID of -n samples against REF: an image folder, an .npz with mu and sigma, "
+                           "or 'test' (the run's test split; test:N its first N images); needs --inception")
+    p.add_argument("--inception", metavar="FILE", default=None,
+                   help=f"--fid: the FID Inception weights, pytorch-fid's {fid.WEIGHTS_FILE}")
+    p.add_argument("--upsampler", metavar="FILE", default=None,
+                   help="GLIDE's released upsample.pt, run on the samples of its base.pt")
+    p.add_argument("--bpe-dir", metavar="DIR", default=None,
+                   help="GLIDE's released models: the folder of GPT-2's encoder.json and vocab.bpe (or .gz)")
     g = p.add_argument_group("model options (passed only when given)")
     for flag, (_, t, h) in {**SAMPLE_FLAGS, **EVAL_FLAGS}.items():
         g.add_argument("--" + flag, type=number(t, flag) if t in (int, float) else t, default=None,
@@ -142,7 +164,9 @@ def load_model(path, device="cpu", ema=True):
         first = given = path
     else:
         raise UsageError(f"{path}: no such checkpoint or run directory")
-    ck = _load(first, device, key)
+    ck = _load(first, device, key, released_ok=given is not None)
+    if "model" not in ck:  # a plain state dict: one of the authors' released files
+        return load_released(first, ck, device)
     name = ck.get("model")
     if name not in train.MODELS:
         raise UsageError(f"{first} holds a checkpoint of unknown model {name!r}; "
@@ -200,9 +224,92 @@ def missing_phase(model, info):
                       f"python train.py {name} --out {run} --resume")
 
 
-def _load(f, device, key="ema"):
-    """train.load_checkpoint: the same checks and messages as train.py --resume."""
-    return train.load_checkpoint(f, device, need=("model", "config", key))
+def _load(f, device, key="ema", released_ok=False):
+    """train.load_checkpoint: the same checks and messages as train.py --resume. released_ok: a
+    plain state dict (perhaps an authors' released file) is returned as it is, for load_released
+    to check its layout."""
+    return train.load_checkpoint(f, device, need=("model", "config", key), plain_ok=released_ok)
+
+
+# --- the authors' released checkpoints (issue 23) ---
+
+# sampling settings of the authors' READMEs and notebooks, used where the flag is not given
+RELEASED_DEFAULTS = {
+    "adm": {"steps": 250},  # guided-diffusion README: --timestep_respacing 250
+    "glide": {"steps": 100, "guidance_scale": 3.0, "upsample_steps": guided.glide_fast27(),
+              "upsample_eta": 0.0, "upsample_temp": 0.997},  # glide-text2im's text2im notebook
+}
+
+
+def load_released(f, state_dict, device):
+    """An authors' state dict (read by _load) -> (model, info): guided.load_openai or
+    ddpm.load_openai by its layout; neither: a one-line error listing the known layouts."""
+    for loader, name in ((guided.load_openai, None), (ddpm.load_openai, "ddpm")):
+        try:
+            model = loader(state_dict)
+            break
+        except ValueError as e:
+            if "not a known layout" not in str(e):
+                raise UsageError(f"{f}: {e}")
+    else:
+        known = [k.split()[0] for k in guided.OPENAI_FILES] + list(ddpm.OPENAI_FILES)
+        raise UsageError(f"{f} is neither a checkpoint of this project nor a released file of a known "
+                         f"layout; known: {', '.join(known)}")
+    if name is None:
+        name = "classifier" if isinstance(model, guided.NoisyClassifier) else (
+            "glide" if model.config.xf_width else "adm")
+    model.to(device).eval()
+    info = {"model": name, "run": f.parent, "phases": [], "missing": [], "released": True,
+            "config": dataclasses.asdict(model.config), "data": "", "step": None}
+    return model, info
+
+
+def released_glide(base, base_info, args, device):
+    """GLIDE's base.pt [+ --upsampler upsample.pt] with --bpe-dir -> the model to sample, info."""
+    if not args.bpe_dir:
+        raise UsageError("GLIDE's released models read captions as GPT-2 BPE: pass --bpe-dir DIR, the folder "
+                         "of encoder.json and vocab.bpe (glide-text2im ships them in glide_text2im/tokenizer)")
+    try:
+        guided.get_bpe(args.bpe_dir)
+    except FileNotFoundError as e:
+        raise UsageError(str(e))
+    base.config.bpe_dir = args.bpe_dir
+    if base.config.low_res_size:
+        raise UsageError(f"{args.path} is GLIDE's upsampler; give base.pt first and upsample.pt with --upsampler")
+    if not args.upsampler:
+        return base, base_info
+    up, info = load_model(args.upsampler, device)
+    if not (info.get("released") and info["model"] == "glide" and up.config.low_res_size == base.config.image_size):
+        raise UsageError(f"--upsampler {args.upsampler}: not GLIDE's released upsample.pt")
+    up.config.bpe_dir = args.bpe_dir
+    with torch.device("meta"):  # the pair; its own (empty) models are replaced by the loaded ones
+        pair = guided.GLIDE(guided.GLIDEConfig(image_size=up.config.image_size, base=base.config,
+                                               upsample=up.config))
+    pair.base, pair.upsample = base, up
+    return pair.eval(), {**base_info, "config": dataclasses.asdict(pair.config)}
+
+
+def run_fid(args, model, info, kw, ac, device, t0):
+    """--fid REF: FID between -n samples and REF (Heusel et al. 2017; fid.py)."""
+    inception = fid.load_inception(args.inception, device)
+    if args.fid == "test" or args.fid.startswith("test:"):
+        if not info["data"]:
+            raise UsageError("--fid test needs a run of this project (its test split); give an image folder "
+                             "or an .npz for a released model")
+        n_ref = int(args.fid[5:]) if args.fid[5:].isdigit() else -1
+        ref = fid.statistics(fid.features_of(inception, (b["image"].float() * 0.5 + 0.5 for b in test_batches(
+            info, info["config"], n_ref, args.batch_size, device))))
+    else:
+        ref = fid.reference_statistics(args.fid, inception, args.batch_size)
+    feats = []
+    with no_grad_mode(kw), ac:
+        for i in range(0, args.n, args.batch_size):
+            x = model.sample(min(args.batch_size, args.n - i), **kw).float()
+            feats.append(fid.features_of(inception, x * 0.5 + 0.5))
+    mu, sigma = fid.statistics(np.concatenate(feats))
+    d = fid.frechet_distance(mu, sigma, *ref)
+    print(f"FID {d:.2f}: {args.n} samples of {info['model']} against {args.fid} in {time.time() - t0:.1f}s")
+    return 0
 
 
 def model_kwargs(method, args, table, what):
@@ -296,6 +403,16 @@ def run(args):
     args.out = checked_out(args)
     d, device = train.setup_dist(args.device)
     model, info = load_model(args.path, device, ema=not args.no_ema)
+    if args.fid is not None and not args.inception:  # before any sampling: say where the weights are
+        fid.load_inception(None)
+    if info.get("released") and info["model"] == "glide":
+        model, info = released_glide(model, info, args, device)
+    elif args.upsampler or args.bpe_dir:
+        raise UsageError("--upsampler and --bpe-dir are for GLIDE's released base.pt")
+    if info.get("released"):  # the authors' sampling settings where no flag is given
+        for k, v in RELEASED_DEFAULTS.get(info["model"], {}).items():
+            if not k.startswith("upsample_") and getattr(args, k) is None:
+                setattr(args, k, v)
     torch.manual_seed(args.seed)
     run_dir = info["run"]
     ac = train.autocast(device, args.precision)
@@ -342,10 +459,15 @@ def run(args):
         if value is not None:
             return run_edit(args, model, info, mode, method_name, n_images, value, ac, t0)
     kw = model_kwargs(model.sample, args, SAMPLE_FLAGS, "sampling")
+    if info.get("released") and info["model"] == "glide" and hasattr(model, "upsample"):
+        kw.update({k: v for k, v in RELEASED_DEFAULTS["glide"].items() if k.startswith("upsample_")
+                   and k not in kw})
     if "rerank" in kw:
         kw["rerank"] = clip_scorer(kw["rerank"], device)
     if "classifier" in kw:  # a second checkpoint: the classifier that guides sampling
         kw["classifier"], _ = load_model(kw["classifier"], device, ema=not args.no_ema)
+    if args.fid is not None:
+        return run_fid(args, model, info, kw, ac, device, t0)
     if args.eval_captions is not None:
         if "prompt" not in inspect.signature(model.sample).parameters:
             raise UsageError(f"--eval-captions needs a text-to-image model; {info['model']} "
