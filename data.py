@@ -16,6 +16,7 @@
 train.py and sample.py import from here; the model files never do (STYLE.md rule 1).
 """
 import gzip
+import importlib
 import math
 import os
 import pickle
@@ -34,12 +35,33 @@ class UsageError(Exception):
 
 
 def write_atomic(path, write):
-    """write(tmp) fills a temporary file beside `path`, which then replaces `path` in one rename:
-    an interrupted write never leaves a half-written file or loses the old one."""
+    """write(tmp) fills a temporary file beside `path`, which is flushed to the disk (fsync) and
+    then replaces `path` in one rename: an interrupted or failed write (Ctrl-C, a full disk, a
+    power cut) never leaves a half-written file, nor loses the old one; the temporary file is
+    removed when the write fails."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file itself
+            e.filename = str(path)
+        raise
+    try:  # the rename itself reaches the disk with the directory
+        _fsync(path.parent)
+    except OSError:  # some file systems cannot fsync a directory; the data is safe already
+        pass
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # --- data: the built-in shapes ---
@@ -299,13 +321,23 @@ class FolderDataset(torch.utils.data.Dataset):
 def _read_idx(path):
     """MNIST's IDX format: magic (0, 0, dtype, ndim), big-endian dims, then the data."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # gzip: BadGzipFile, or a gzip stream cut short
+        raise UsageError(f"{path} cannot be read ({getattr(e, 'strerror', None) or e}); "
+                         "download MNIST's files again")
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise UsageError(f"{path} is not an IDX file of unsigned bytes")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise UsageError(f"{path} is truncated: it ends inside its header; download it again")
     dims = np.frombuffer(data, ">u4", ndim, 4).astype(int)
-    return np.frombuffer(data, np.uint8, int(np.prod(dims)), 4 + 4 * ndim).reshape(dims)
+    size = int(np.prod(dims))
+    if len(data) - 4 - 4 * ndim < size:
+        raise UsageError(f"{path} is truncated: its header promises {' x '.join(map(str, dims))} = {size} "
+                         f"bytes but it holds {len(data) - 4 - 4 * ndim}; download it again")
+    return np.frombuffer(data, np.uint8, size, 4 + 4 * ndim).reshape(dims)
 
 
 class ArrayDataset(torch.utils.data.Dataset):
@@ -344,7 +376,97 @@ def mnist_dataset(root, image_size, split):
                          "download MNIST's four files (gzipped or not) into that folder")
 
     images, labels = _read_idx(find("images")), _read_idx(find("labels"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise UsageError(f"--data mnist:{root}: the {prefix} files hold images of shape "
+                         f"{images.shape} and labels of shape {labels.shape}; expected N images "
+                         "(N, H, W) and N labels")
     return ArrayDataset(images[..., None], labels, image_size, lambda y: f"the digit {y}", 10)
+
+
+def _numpy_global(name, *modules):
+    """numpy's own function `name` from the first of `modules` that has it (numpy 2 renamed
+    numpy.core to numpy._core; pickles name either)."""
+    for m in modules:
+        try:
+            return getattr(importlib.import_module(m), name)
+        except (ImportError, AttributeError):
+            pass
+    raise pickle.UnpicklingError(f"numpy has no {name}")
+
+
+def _plain_dtype(*args):
+    """numpy.dtype for the integer dtypes of CIFAR-10's arrays only: an object dtype would let
+    the pickle put any object in an array."""
+    dt = np.dtype(*args)
+    if dt.kind not in "uib":
+        raise pickle.UnpicklingError(f"it holds an array of dtype {dt}, not of integers")
+    return dt
+
+
+def _reconstruct(cls, *args):
+    if cls is not np.ndarray:
+        raise pickle.UnpicklingError("it rebuilds an array of a class other than numpy.ndarray")
+    return _numpy_global("_reconstruct", "numpy._core.multiarray", "numpy.core.multiarray")(cls, *args)
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """_codecs.encode, which Python 3 writes into protocol-2 pickles to rebuild bytes."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"it encodes text as {encoding}")
+    return text.encode("latin1")
+
+
+# every global a CIFAR-10 python batch may name: the files (pickled by Python 2) rebuild their
+# numpy arrays with _reconstruct, ndarray and dtype; re-pickled copies may also use numpy's
+# _frombuffer (protocol 5) or _codecs.encode (protocol 2 from Python 3)
+_CIFAR10_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): lambda: _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): lambda: _reconstruct,
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: _plain_dtype,
+    ("numpy.core.numeric", "_frombuffer"): lambda: _numpy_global(
+        "_frombuffer", "numpy._core.numeric", "numpy.core.numeric"),
+    ("numpy._core.numeric", "_frombuffer"): lambda: _numpy_global(
+        "_frombuffer", "numpy._core.numeric", "numpy.core.numeric"),
+    ("_codecs", "encode"): lambda: _latin1_encode,
+}
+
+
+class _Cifar10Unpickler(pickle.Unpickler):
+    """pickle.Unpickler that calls nothing but numpy's array rebuilders. A pickle is a program:
+    any function it names (os.system, ...) pickle.load calls, so a data file could run code.
+    This one refuses every global CIFAR-10's batches do not use, before anything is called."""
+
+    def find_class(self, module, name):
+        if (module, name) not in _CIFAR10_GLOBALS:
+            raise pickle.UnpicklingError(f"it asks to call {module}.{name}, which CIFAR-10's "
+                                         "batches never do")
+        return _CIFAR10_GLOBALS[module, name]()
+
+
+def _read_cifar10_batch(path):
+    """One of CIFAR-10's python batches -> (uint8 array (N, 3072), list of N labels in 0..9).
+    Refuses, as a UsageError, a file that is not one, without running anything from it."""
+    try:
+        with open(path, "rb") as f:
+            d = _Cifar10Unpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise UsageError(f"{path} is not a CIFAR-10 python batch: {e}; nothing in it was run")
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read it ({e.strerror})")
+    except Exception as e:  # truncated (EOFError), garbage (ValueError, KeyError, ...)
+        raise UsageError(f"{path} is not a readable CIFAR-10 python batch ({type(e).__name__}); "
+                         "it may be truncated: download CIFAR-10 again")
+    x = d.get(b"data") if isinstance(d, dict) else None
+    y = d.get(b"labels") if isinstance(d, dict) else None
+    if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3072):
+        raise UsageError(f"{path} is not a CIFAR-10 python batch: no uint8 'data' array of "
+                         "3072 values (32x32 RGB) per image")
+    if not (isinstance(y, list) and len(y) == len(x)
+            and all(isinstance(v, int) and 0 <= v < 10 for v in y)):
+        raise UsageError(f"{path} is not a CIFAR-10 python batch: its 'labels' are not "
+                         f"{len(x)} class numbers 0..9")
+    return x, y
 
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -362,10 +484,9 @@ def cifar10_dataset(root, image_size, split):
                          "CIFAR-10's python batches (cifar-10-batches-py)")
     xs, ys = [], []
     for n in names:
-        with open(root / n, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        xs.append(np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        ys.extend(d[b"labels"])
+        x, y = _read_cifar10_batch(root / n)
+        xs.append(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.extend(y)
 
     def caption(y):
         name = CIFAR10_CLASSES[y]
@@ -386,9 +507,13 @@ def make_dataset(spec, split, image_size, seed=0):
         n = SHAPES_TEST if split == "test" else SHAPES_TRAIN
         if arg:
             try:
-                n = int(arg) if split == "train" else min(SHAPES_TEST, int(arg))
+                n = int(arg)
             except ValueError:
-                raise UsageError(f"--data {spec}: shapes takes a number of images, e.g. shapes:10000")
+                n = 0
+            if n < 1:
+                raise UsageError(f"--data {spec}: shapes takes a positive number of images, "
+                                 "e.g. shapes:10000")
+            n = n if split == "train" else min(SHAPES_TEST, n)
         return ShapesDataset(n, image_size, seed=seed, split=split)
     if not arg and kind in ("folder", "mnist", "cifar10"):
         raise UsageError(f"--data {spec}: give a path, e.g. --data {kind}:/path/to/data")

@@ -1,6 +1,6 @@
 """Sample, reconstruct or evaluate any trained model from its checkpoint alone.
 
-    python sample.py CKPT_OR_RUN_DIR [-n N] [--out FILE.png] [--seed S] [--device ...] [--no-ema]
+    python sample.py CKPT_OR_RUN_DIR [-n N] [--out FILE.png [--force]] [--seed S] [--no-ema]
                      [--reconstruct] [--eval [N]] [--eval-captions N] [--variations IMAGE]
                      [--interpolate IMAGE IMAGE] [--text-diff IMAGE FROM TO] [model sampling flags]
                      [--fid REF --inception WEIGHTS] [--upsampler FILE] [--bpe-dir DIR]
@@ -8,7 +8,9 @@
 The model is rebuilt from the config stored in the checkpoint (loaded with weights_only=True), and
 the EMA weights are used unless --no-ema. Sampling flags (--steps, --eta, --temperature, --label,
 --prompt, ...) are passed to `model.sample` only when given; a flag the model does not take is an
-error. A missing, corrupt or unknown checkpoint is a one-line error with exit code 2.
+error. A missing, corrupt or unknown checkpoint is a one-line error with exit code 2. A file
+given is the file sampled, whatever its name; --out never replaces an existing file unless
+--force (and then only a PNG); Ctrl-C exits 130 and leaves no partial image.
 
 The authors' released files load too (a plain state dict of a known layout, no run.json):
 guided-diffusion's diffusion models and classifiers, GLIDE's base.pt (with --upsampler
@@ -21,19 +23,30 @@ import argparse
 import dataclasses
 import inspect
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 
-import data
-import ddpm
-import fid
-import guided
-import train
-from data import UsageError
+def interrupted_at_start(signum, frame):
+    print("interrupted (Ctrl-C) while starting; nothing was written", file=sys.stderr)
+    os._exit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line and exit 130, no traceback
+    signal.signal(signal.SIGINT, interrupted_at_start)
+
+import numpy as np  # noqa: E402 (after the handler above)
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import ddpm  # noqa: E402
+import fid  # noqa: E402
+import guided  # noqa: E402
+import train  # noqa: E402
+from data import UsageError  # noqa: E402
 
 # flag -> (keyword of model.sample / model.evaluate, type, help). Models take what they need.
 SAMPLE_FLAGS = {
@@ -58,18 +71,36 @@ EDIT_MODES = {"variations": ("variations", 1), "interpolate": ("interpolate", 2)
 EVAL_FLAGS = {
     "iwae-k": ("iwae_k", int, "VAE: importance samples of the IWAE bound in --eval"),
 }
+# flag -> (lowest, highest, lowest excluded) of its value, checked where it is parsed; a flag not
+# listed takes any finite number
+FLAG_RANGES = {
+    "n": (1, None, False), "seed": (0, 2**32 - 1, False), "batch-size": (1, None, False),
+    "eval": (1, None, False), "eval-captions": (1, None, False),
+    "temperature": (0, None, True), "steps": (1, None, False), "eta": (0, 1, False),
+    "label": (0, None, False), "top-k": (1, None, False), "top-p": (0, 1, True),
+    "candidates": (1, None, False), "prior-steps": (1, None, False),
+    "upsample-steps": (1, None, False), "iwae-k": (1, None, False),
+}
+
+
+def number(t, flag):
+    """train.number with the range of FLAG_RANGES[flag]."""
+    lo, hi, above = FLAG_RANGES.get(flag, (None, None, False))
+    return train.number(t, flag, lo, hi, above)
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0])
     p.add_argument("path", help="a checkpoint file or a run directory")
-    p.add_argument("-n", type=int, default=64, help="number of images")
+    p.add_argument("-n", type=number(int, "n"), default=64, help="number of images")
     p.add_argument("--out", default=None, help="output PNG (default: a new file in the run dir)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="let --out replace an existing PNG file")
+    p.add_argument("--seed", type=number(int, "seed"), default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward in --eval")
+    p.add_argument("--batch-size", type=number(int, "batch-size"), default=256,
+                   help="images per forward in --eval")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the diffusion networks (U-Nets) for the sampling loop; "
                         "on CUDA each step replays as a CUDA graph")
@@ -78,9 +109,11 @@ def build_parser():
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--reconstruct", action="store_true",
                       help="autoencoders: test images beside their reconstructions")
-    mode.add_argument("--eval", nargs="?", const=-1, type=int, default=None, metavar="N",
+    mode.add_argument("--eval", nargs="?", const=-1, type=number(int, "eval"), default=None,
+                      metavar="N",
                       help="evaluate on N test images (default: the whole test split)")
-    mode.add_argument("--eval-captions", type=int, default=None, metavar="N",
+    mode.add_argument("--eval-captions", type=number(int, "eval-captions"), default=None,
+                      metavar="N",
                       help="text-to-image models: sample N shapes test captions and report how "
                            "often the image shows each attribute, judged from the pixels")
     mode.add_argument("--variations", metavar="IMAGE", default=None,
@@ -100,7 +133,8 @@ def build_parser():
                    help="GLIDE's released models: the folder of GPT-2's encoder.json and vocab.bpe (or .gz)")
     g = p.add_argument_group("model options (passed only when given)")
     for flag, (_, t, h) in {**SAMPLE_FLAGS, **EVAL_FLAGS}.items():
-        g.add_argument("--" + flag, type=t, default=None, help=h)
+        g.add_argument("--" + flag, type=number(t, flag) if t in (int, float) else t, default=None,
+                       help=h)
     return p
 
 
@@ -110,19 +144,27 @@ class Parser(argparse.ArgumentParser):
 
 
 def load_model(path, device="cpu", ema=True):
-    """Checkpoint file or run directory -> (model, info). Loads every phase found in the run."""
+    """Checkpoint file or run directory -> (model, info). A run directory: every phase found in
+    it. A file: that file (whatever its name) for its phase, and the checkpoints of the model's
+    other phases beside it (ckpt_PHASE.pt)."""
     path = Path(path)
+    key = "ema" if ema else "state_dict"
     if path.is_dir():
         files = sorted(path.glob("ckpt*.pt"))
+        others = sorted(p.name for p in path.glob("*.pt"))
+        if not files and others:
+            raise UsageError(f"{path}: no checkpoint named ckpt*.pt in this directory, but it holds "
+                             f"{', '.join(others)}: to sample from one, give the file itself "
+                             f"(python sample.py {path / others[0]})")
         if not files:
             raise UsageError(f"{path}: no checkpoint (ckpt*.pt) in this directory; "
                              f"train one with python train.py MODEL --out {path}")
-        first = files[0]
+        first, given = files[0], None
     elif path.exists():
-        first = path
+        first = given = path
     else:
         raise UsageError(f"{path}: no such checkpoint or run directory")
-    ck = _load(first, device, released_ok=not path.is_dir())
+    ck = _load(first, device, key, released_ok=given is not None)
     if "model" not in ck:  # a plain state dict: one of the authors' released files
         return load_released(first, ck, device)
     name = ck.get("model")
@@ -136,36 +178,57 @@ def load_model(path, device="cpu", ema=True):
     except (TypeError, ValueError, KeyError) as e:
         raise UsageError(f"{first}: its config does not build a {name} model ({e})")
     run = first.parent
+    phases = train.phases_of(cls)
+    given_phase = ck.get("phase", phases[0]) if given else None
+    if given and given_phase not in phases:
+        raise UsageError(f"{given} holds phase {given_phase!r}; a {name} model has phases "
+                         f"{', '.join(phases)}")
     loaded = []
-    for phase in train.phases_of(cls):
-        f = run / train.ckpt_name(cls, phase)
-        if not f.exists():
-            continue
-        c = ck if f == first else _load(f, device)
-        try:
-            train.phase_module(model, phase).load_state_dict(c["ema" if ema else "state_dict"])
-        except (RuntimeError, KeyError) as e:
-            raise UsageError(f"{f}: its weights do not fit the {name} model ({str(e)[:120]})")
+    for phase in phases:
+        if phase == given_phase:
+            f, c = given, ck
+        else:
+            f = run / train.ckpt_name(cls, phase)
+            if not f.exists():
+                continue
+            c = ck if f == first else _load(f, device, key)
+            if c["model"] != name:
+                raise UsageError(f"{f} is a checkpoint of a {c['model']} run, not of the {name} "
+                                 f"run of {first}")
+        train.load_weights(train.phase_module(model, phase), c[key], f, key)
         loaded.append(phase)
     model.to(device).eval()
-    info = {"model": name, "run": run, "phases": loaded,
-            "missing": [ph for ph in train.phases_of(cls) if ph not in loaded],
+    info = {"model": name, "run": run, "phases": loaded, "file": given,
+            "missing": [ph for ph in phases if ph not in loaded],
             "config": ck["config"], "data": ck.get("hparams", {}).get("data", "shapes"),
             "step": ck.get("step")}
     return model, info
 
 
-def _load(f, device, released_ok=False):
-    try:
-        ck = torch.load(f, map_location=device, weights_only=True)
-    except Exception as e:
-        raise UsageError(f"{f} is not a readable checkpoint ({type(e).__name__}); "
-                         "it may be truncated: use another checkpoint")
-    if released_ok and isinstance(ck, dict) and "model" not in ck:
-        return ck  # perhaps a released state dict; load_released checks its layout
-    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
-        raise UsageError(f"{f} is not a checkpoint of this project (no model/config entries)")
-    return ck
+def missing_phase(model, info):
+    """The UsageError for a model whose phases were not all found: say which file is missing and,
+    when the run directory holds checkpoints under other names (renamed, copied), which."""
+    run, name, missing = info["run"], info["model"], info["missing"][0]
+    want = train.ckpt_name(model, missing)
+    if info["file"]:
+        return UsageError(f"{info['file']} holds phase {info['phases'][0]} of a {name} run; "
+                          f"sampling also needs phase {missing}, whose checkpoint {want} is not "
+                          f"beside it in {run}")
+    names = {train.ckpt_name(model, ph) for ph in train.phases_of(model)}
+    others = sorted(p.name for p in run.glob("*.pt") if p.name not in names)
+    if others:
+        return UsageError(f"{run} has no {want} (the checkpoint of phase {missing}), but holds "
+                          f"{', '.join(others)}: to sample from one, give the file itself "
+                          f"(python sample.py {run / others[0]})")
+    return UsageError(f"{run} has not finished phase {missing}; train it with "
+                      f"python train.py {name} --out {run} --resume")
+
+
+def _load(f, device, key="ema", released_ok=False):
+    """train.load_checkpoint: the same checks and messages as train.py --resume. released_ok: a
+    plain state dict (perhaps an authors' released file) is returned as it is, for load_released
+    to check its layout."""
+    return train.load_checkpoint(f, device, need=("model", "config", key), plain_ok=released_ok)
 
 
 # --- the authors' released checkpoints (issue 23) ---
@@ -317,7 +380,27 @@ def test_batches(info, config, n, batch_size, device):
         yield data.to_device(torch.utils.data.default_collate(items), device, in_ch)
 
 
+def checked_out(args):
+    """--out as a Path, checked before anything is loaded or sampled: a PNG name (an image is
+    never written over a checkpoint or any other kind of file), in an existing directory, and new
+    unless --force. None without --out (a new name in the run directory, free_path)."""
+    if args.out is None:
+        return None
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: sample.py writes PNG images; give a file name ending in .png")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name ending in .png")
+    if out.exists() and not args.force:
+        raise UsageError(f"--out {out} already exists; choose another name, or add --force to "
+                         "replace it")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: there is no directory {out.parent}")
+    return out
+
+
 def run(args):
+    args.out = checked_out(args)
     d, device = train.setup_dist(args.device)
     model, info = load_model(args.path, device, ema=not args.no_ema)
     if args.fid is not None and not args.inception:  # before any sampling: say where the weights are
@@ -370,8 +453,7 @@ def run(args):
     if not hasattr(model, "sample"):
         raise UsageError(f"{info['model']} is not a generative model; it has no samples")
     if info["missing"]:
-        raise UsageError(f"{run_dir} has not finished phase {info['missing'][0]}; train it with "
-                         f"python train.py {info['model']} --out {run_dir} --resume")
+        raise missing_phase(model, info)
     for mode, (method_name, n_images) in EDIT_MODES.items():
         value = getattr(args, mode)
         if value is not None:
@@ -468,11 +550,19 @@ def main(argv=None):
     parser = build_parser()
     parser.__class__ = Parser
     try:
+        if signal.getsignal(signal.SIGINT) is interrupted_at_start:  # torch is loaded: Ctrl-C is
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a KeyboardInterrupt again
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
         return run(args)
     except (UsageError, ValueError) as e:  # the model files raise ValueError for bad input or config
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # images are written whole or not at all (data.write_atomic)
+        print("interrupted (Ctrl-C); no image was written", file=sys.stderr)
+        return 130
+    except OSError as e:  # an output that cannot be written, an input that cannot be read
+        print(f"error: {train.one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

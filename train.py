@@ -11,25 +11,48 @@ The loop is generic: it calls `model.loss(batch)` (STYLE.md rule 8) and, at the 
 `model.sample(n)`; models that train in phases (an autoencoder, then its prior) declare `phases`
 and get one checkpoint per phase in the run directory. INTERFACE.md gives the whole contract. The
 data sets, the pixel judge and the PNG writer live in data.py.
+
+Faults end in one line and a non-zero exit, losing nothing (tests/test_faults.py): numeric flags
+are checked where they are parsed; checkpoints are written whole (fsync, then a rename), carry a
+SHA-256 of their tensors, and are read by one function (`load_checkpoint`, also sample.py's); a
+running train.py holds RUN/.lock; Ctrl-C anywhere exits 130.
 """
 import argparse
 import copy
 import dataclasses
+import hashlib
 import importlib
 import json
 import math
 import os
+import re
+import signal
 import sys
 import time
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.nn as nn
+try:
+    import fcntl
+except ImportError:  # Windows: run directories are not locked
+    fcntl = None
 
-from data import (StepBatches, UsageError, make_dataset, save_grid, to_device,  # noqa: F401
+
+def interrupted_at_start(signum, frame):
+    print("interrupted (Ctrl-C) while starting; nothing was written", file=sys.stderr)
+    os._exit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line and exit 130, no traceback
+    signal.signal(signal.SIGINT, interrupted_at_start)
+
+import torch  # noqa: E402 (after the handler above)
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from data import (StepBatches, UsageError, make_dataset, save_grid, to_device,  # noqa: F401, E402
                   write_atomic)
 
 FORMAT_VERSION = 1
@@ -117,20 +140,40 @@ def ckpt_name(model_or_cls, phase):
     return "ckpt.pt" if len(phases_of(model_or_cls)) == 1 else f"ckpt_{phase}.pt"
 
 
-def config_from_dict(cls, d):
-    """Rebuild a (possibly nested) config dataclass from asdict() output; lists become tuples."""
+def config_from_dict(cls, d, prefix=""):
+    """Rebuild a (possibly nested) config dataclass from asdict() output; lists become tuples.
+    A field of the wrong type (from a damaged checkpoint or run.json) is a ValueError naming it."""
+    if not isinstance(d, dict):
+        raise ValueError(f"config{' field ' + prefix[:-1] if prefix else ''} is a "
+                         f"{type(d).__name__}, not a mapping of fields")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in d:
             continue
         v, t = d[f.name], hints[f.name]
-        if dataclasses.is_dataclass(t) and isinstance(v, dict):
-            v = config_from_dict(t, v)
-        elif isinstance(v, list):
-            v = tuple(v)
+        if dataclasses.is_dataclass(t):
+            v = config_from_dict(t, v, prefix + f.name + ".")
+        else:
+            if isinstance(v, list):
+                v = tuple(v)
+            if not _has_type(v, t):
+                raise ValueError(f"config field {prefix + f.name} is {v!r}, not "
+                                 f"{getattr(t, '__name__', str(t))}")
         kwargs[f.name] = v
     return cls(**kwargs)
+
+
+def _has_type(v, t):
+    """Whether v is a value of the config field type t (int, float, bool, str, tuple[int, ...])."""
+    if typing.get_origin(t) is tuple:
+        inner = (typing.get_args(t) or (int,))[0]
+        return isinstance(v, tuple) and all(_has_type(x, inner) for x in v)
+    if t is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if t is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, t) if isinstance(t, type) else True
 
 
 # --- command line ---
@@ -154,14 +197,74 @@ def _parse_value(t, text):
     return t(text)
 
 
-def _typed(t, flag):
+def _typed(t, flag, lo=None, hi=None):
+    """argparse type of a config field: t, with every number finite and within [lo, hi]."""
     def conv(text):
         try:
-            return _parse_value(t, text)
+            v = _parse_value(t, text)
         except ValueError:
             kind = getattr(t, "__name__", str(t))
             raise argparse.ArgumentTypeError(f"--{flag} takes {kind}, got {text!r}")
+        for x in (v if isinstance(v, tuple) else (v,)):
+            if isinstance(x, (int, float)) and not isinstance(x, bool) and not _within(x, lo, hi):
+                raise argparse.ArgumentTypeError(f"--{flag} takes {_kind(type(x), lo, hi)}"
+                                                 f"{' each' if isinstance(v, tuple) else ''}, "
+                                                 f"got {text!r}")
+        return v
     return conv
+
+
+def number(t, flag, lo=None, hi=None, above=False):
+    """argparse type of a numeric flag: t (int or float), finite, within [lo, hi] (lo excluded
+    when `above`). Bad values are refused where they are parsed, not found later as a hang
+    (--batch-size -3), a traceback (--log-every 0) or nonsense accepted (--ema-decay 2)."""
+    def conv(text):
+        try:
+            v = t(text)
+        except ValueError:
+            v = None
+        if v is None or not _within(v, lo, hi) or (above and v == lo):
+            raise argparse.ArgumentTypeError(f"{'-' * (1 + (len(flag) > 1))}{flag} takes "
+                                             f"{_kind(t, lo, hi, above)}, got {text!r}")
+        return v
+    return conv
+
+
+def _within(v, lo, hi):
+    return math.isfinite(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
+
+
+def _kind(t, lo, hi, above=False):
+    what = "an integer" if t is int else "a number"
+    if lo is not None and hi is not None:
+        return f"{what} from {lo} to {hi}"
+    if t is int and lo == 1:
+        return "a positive integer"
+    if lo is not None:
+        return f"{what} {'>' if above else '>='} {lo}"
+    return f"{what} <= {hi}" if hi is not None else f"a finite {'integer' if t is int else 'number'}"
+
+
+FRACTIONS = ("drop", "p_uncond", "gamma")  # config fields that are probabilities or decays: [0, 1]
+
+
+def _field_bounds(name, path, t):
+    """Generic limits of a config field given as a flag: counts and sizes (int) at least 1; other
+    numbers (float) not negative, and fractions (dropout, p_uncond, an EMA's gamma) at most 1.
+    Where a preset of the model uses a lower value (0 for "none", -1 for "automatic"), that value
+    is the limit instead. The model's own checks (ValueError) come on top."""
+    inner = (typing.get_args(t) or (int,))[0] if typing.get_origin(t) is tuple else t
+    if inner not in (int, float):
+        return None, None
+    values = []
+    for preset in presets(name).values():
+        v = preset
+        for part in path.split("."):
+            v = getattr(v, part)
+        values.extend(v if isinstance(v, tuple) else (v,))
+    lo = min([1 if inner is int else 0, *values])
+    leaf = path.rpartition(".")[2]
+    return lo, (1 if inner is float and any(f in leaf for f in FRACTIONS) else None)
 
 
 class Parser(argparse.ArgumentParser):
@@ -177,27 +280,38 @@ def build_parser(name=None):
     g = p.add_argument_group("training")
     g.add_argument("--preset", default=None, help="config preset of the model file (default: tiny)")
     g.add_argument("--data", default=None, help="shapes[:N] | folder:PATH | mnist:PATH | cifar10:PATH")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps per phase")
-    g.add_argument("--batch-size", type=int, default=None, help="global batch size")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
-    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (0.0)")
-    g.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (100)")
+    g.add_argument("--steps", type=number(int, "steps", 1),
+                   default=None, help="optimizer steps per phase")
+    g.add_argument("--batch-size", type=number(int, "batch-size", 1),
+                   default=None, help="global batch size")
+    g.add_argument("--lr", type=number(float, "lr", 0, above=True),
+                   default=None, help="AdamW learning rate")
+    g.add_argument("--weight-decay", type=number(float, "weight-decay", 0),
+                   default=None, help="AdamW weight decay (0.0)")
+    g.add_argument("--warmup", type=number(int, "warmup", 0),
+                   default=None, help="linear lr warm-up steps (100)")
     g.add_argument("--lr-schedule", default=None, choices=["constant", "cosine"],
                    help="after warm-up: constant lr, or cosine decay to 0 (CLIP; default per model)")
-    g.add_argument("--grad-clip", type=float, default=None, help="gradient norm clip (1.0)")
-    g.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the weights (0.999)")
+    g.add_argument("--grad-clip", type=number(float, "grad-clip", 0),
+                   default=None, help="gradient norm clip (1.0)")
+    g.add_argument("--ema-decay", type=number(float, "ema-decay", 0, 1),
+                   default=None, help="EMA decay of the weights (0.999)")
     g.add_argument("--out", default=None, help="run directory (default runs/MODEL)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="autocast precision; weights and optimizer stay fp32")
-    g.add_argument("--seed", type=int, default=None, help="seed of data order and noise (0)")
+    g.add_argument("--seed", type=number(int, "seed", 0, 2**32 - 1),
+                   default=None, help="seed of data order and noise (0)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     g.add_argument("--phase", "--part", default=None, help="train only this phase (part)")
-    g.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
-    g.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
-    g.add_argument("--sample-n", type=int, default=None,
+    g.add_argument("--log-every", type=number(int, "log-every", 1),
+                   default=50, help="steps between progress lines")
+    g.add_argument("--save-every", type=number(int, "save-every", 1),
+                   default=500, help="steps between checkpoints")
+    g.add_argument("--sample-n", type=number(int, "sample-n", 0), default=None,
                    help="images in samples.png at the end (default 64; 25 for unclip)")
-    g.add_argument("--workers", type=int, default=None, help="data loader workers (0 CPU, 4 CUDA)")
+    g.add_argument("--workers", type=number(int, "workers", 0),
+                   default=None, help="data loader workers (0 CPU, 4 CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training step")
     g.add_argument("--channels-last", action="store_true",
                    help="convolution weights in channels_last memory format, so convolutions run "
@@ -214,7 +328,8 @@ def build_parser(name=None):
                 c.add_argument("--" + flag, dest=dest, default=None,
                                action=argparse.BooleanOptionalAction)
             else:
-                c.add_argument("--" + flag, dest=dest, default=None, type=_typed(t, flag),
+                c.add_argument("--" + flag, dest=dest, default=None,
+                               type=_typed(t, flag, *_field_bounds(name, path, t)),
                                metavar=getattr(t, "__name__", "VALUE").upper())
     return p
 
@@ -230,6 +345,8 @@ def parse_args(argv):
 
 TRAIN_DEFAULTS = dict(data="shapes", weight_decay=0.0, warmup=100, lr_schedule="constant", grad_clip=1.0,
                       ema_decay=0.999, seed=0)
+# what train_phase reads from each phase's entry of run.json (lr_schedule came later: optional)
+HPARAMS = {"steps", "batch_size", "lr", "data", "weight_decay", "warmup", "grad_clip", "ema_decay", "seed"}
 
 
 def apply_overrides(config, overrides):
@@ -303,8 +420,133 @@ class Objective(nn.Module):
 
 
 
+# --- checkpoints: written whole or not at all, read by one function, checked ---
+
 def save_atomic(obj, path):
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save into a temporary file, fsync'd, then renamed over `path` (data.write_atomic).
+    A failed write (a full disk) raises the OSError itself; torch.save reports it as a
+    RuntimeError of its own ("unexpected pos ...")."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            recorder = _WriteRecorder(f)
+            try:
+                torch.save(obj, recorder)
+            except RuntimeError:
+                if recorder.error is not None:
+                    raise recorder.error from None
+                raise
+    write_atomic(path, write)
+
+
+class _WriteRecorder:
+    """A file for torch.save that keeps the OSError of a failed write."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def checksum(ck):
+    """SHA-256 over the tensors of a checkpoint (weights, EMA, optimizer moments, RNG states):
+    each one's place, dtype, shape and bytes, walked in order (dicts keep their order through
+    torch.save and torch.load). The plain values beside them (step, config, ...) are left out:
+    damage there fails unpickling or the type checks, and they may be edited on purpose. About
+    0.15 s per 100 MB on one CPU core."""
+    h = hashlib.sha256()
+
+    def walk(x, where):
+        if torch.is_tensor(x):
+            t = x.detach().cpu().contiguous()
+            h.update(f"{where} {t.dtype} {tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{where}/{k!r}")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{where}/{i}")
+
+    walk({k: v for k, v in ck.items() if k != "sha256"}, "")
+    return h.hexdigest()
+
+
+# entry -> (what it must be, test): checked when present; load_checkpoint's `need` lists the
+# entries that must be there
+CHECKPOINT_ENTRIES = {
+    "model": ("a model name", lambda v: isinstance(v, str)),
+    "config": ("a mapping of config fields", lambda v: isinstance(v, dict)),
+    "phase": ("a phase name", lambda v: isinstance(v, str)),
+    "state_dict": ("a mapping of names to tensors", lambda v: _is_weights(v)),
+    "ema": ("a mapping of names to tensors", lambda v: _is_weights(v)),
+    "optimizer": ("an optimizer state (a mapping)", lambda v: isinstance(v, dict)),
+    "step": ("a step count (an integer >= 0)",
+             lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "rng": ("a list of random number generator states", lambda v: isinstance(v, (list, tuple)) and all(
+        isinstance(s, dict) and torch.is_tensor(s.get("torch")) for s in v) and len(v) > 0),
+    "hparams": ("a mapping", lambda v: isinstance(v, dict)),
+    "sha256": ("a SHA-256 hex digest", lambda v: isinstance(v, str)),
+}
+
+
+def _is_weights(v):
+    return isinstance(v, dict) and all(isinstance(k, str) and torch.is_tensor(t) for k, t in v.items())
+
+
+def load_checkpoint(path, device="cpu", need=("model", "config"), plain_ok=False):
+    """The one reader of checkpoints, for train.py (--resume, the phases before --phase) and
+    sample.py alike. torch.load with weights_only=True, so a file cannot run code; then every
+    entry is checked for its type and the stored checksum verified (checkpoints written before
+    there was one load without). Anything wrong is a UsageError, one line naming the file and what
+    is wrong with it. plain_ok: a dict without a 'model' entry (a plain state dict, such as the
+    authors' released files sample.py reads) is returned unchecked, still loaded weights-only."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory, not a checkpoint file")
+    if not path.exists():
+        raise UsageError(f"{path}: no such checkpoint")
+    try:
+        open(path, "rb").close()
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read it ({e.strerror})")
+    try:
+        with warnings.catch_warnings():  # torch warns about old pickle protocols: not one line
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a truncated zip is an OSError (a seek past its end), garbage not
+        called = re.search(r"GLOBAL (\S+)", str(e))  # weights_only refused a function to call
+        if called:
+            raise UsageError(f"{path} is not a checkpoint of this project: it asks to call "
+                             f"{called.group(1)}, which was refused; nothing in it was run")
+        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}); "
+                         "it may be truncated: use another checkpoint")
+    if plain_ok and isinstance(ck, dict) and "model" not in ck:
+        return ck
+    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
+        raise UsageError(f"{path} is not a checkpoint of this project (no model/config entries)")
+    for key in need:
+        if key not in ck:
+            raise UsageError(f"{path} has no {key!r} entry; it is not a complete checkpoint")
+    for key, (what, ok) in CHECKPOINT_ENTRIES.items():
+        if key in ck and not ok(ck[key]):
+            raise UsageError(f"{path}: its {key!r} entry is not {what} (a {type(ck[key]).__name__})")
+    if ck["model"] in MODELS:  # the config's fields of the right types (a damaged file says which)
+        try:
+            config_from_dict(type(presets(ck["model"])["tiny"]), ck["config"])
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"{path}: {e}; the checkpoint is damaged")
+    if "sha256" in ck and checksum(ck) != ck["sha256"]:
+        raise UsageError(f"{path} is corrupt: its contents do not match the checksum stored in it; "
+                         "use another checkpoint")
+    return ck
 
 
 def log(msg, rank=0):
@@ -373,13 +615,10 @@ def train_phase(model, name, phase, run, cfg, hp, datasets, device, d, args):
     params = [p for p in module.parameters() if p.requires_grad]
     opt = adamw(params, hp["lr"], hp["weight_decay"], device)
     ema = EMA(module, hp["ema_decay"])
-    step = 0
+    step = saved = 0
     if path.exists():
-        ck = torch.load(path, map_location=device, weights_only=True)
-        module.load_state_dict(ck["state_dict"])
-        ema.module.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"])
-        step = ck["step"]
+        ck = load_resume_checkpoint(path, device, name, phase, module, ema, opt)
+        step = saved = ck["step"]
         states = ck["rng"]
         set_rng_state(states[d.rank] if d.rank < len(states) else states[0], device)
         log(f"[{tag}] resumed at step {step}", d.rank)
@@ -426,13 +665,27 @@ def train_phase(model, name, phase, run, cfg, hp, datasets, device, d, args):
             states = [None] * d.world
             dist.all_gather_object(states, rng_state(device))
         if d.rank == 0:
-            save_atomic({"format": FORMAT_VERSION, "model": name, "preset": args.preset,
-                         "config": dataclasses.asdict(cfg), "phase": phase,
-                         "state_dict": module.state_dict(), "ema": ema.module.state_dict(),
-                         "optimizer": opt.state_dict(), "step": step, "rng": states,
-                         "args": {k: (str(v) if isinstance(v, Path) else v)
-                                  for k, v in vars(args).items() if not k.startswith("cfg:")},
-                         "hparams": hp}, path)
+            ck = {"format": FORMAT_VERSION, "model": name, "preset": args.preset,
+                  "config": dataclasses.asdict(cfg), "phase": phase,
+                  "state_dict": module.state_dict(), "ema": ema.module.state_dict(),
+                  "optimizer": opt.state_dict(), "step": step, "rng": states,
+                  "args": {k: (str(v) if isinstance(v, Path) else v)
+                           for k, v in vars(args).items() if not k.startswith("cfg:")},
+                  "hparams": hp}
+            ck["sha256"] = checksum(ck)
+            try:
+                save_atomic(ck, path)
+            except OSError as e:
+                raise not_saved(e, path, step)
+        return step
+
+    def not_saved(e, what, step):
+        """A write failed (a full disk): what was lost, and how to go on, in one line."""
+        kept = (f"{path} of step {saved} is kept" if path.exists() else "no checkpoint was written")
+        return TrainingStopped(f"error: cannot write {what} ({e.strerror or e}): stopped at step "
+                               f"{step} of phase {phase}; {kept}, so {step - saved} steps were not "
+                               f"saved. Free some space, then continue with: python train.py "
+                               f"{name} --out {run} --resume", 1)
 
     sums, nonfinite = {}, torch.zeros((), dtype=torch.bool, device=device)
     t0, t_last, last_step, first_step, last_good = time.time(), time.time(), step, step, None
@@ -475,15 +728,24 @@ def train_phase(model, name, phase, run, cfg, hp, datasets, device, d, args):
                 log(f"[{tag}] step {step}/{total} loss {vals['loss']:.4f} {parts} | "
                     f"{ips:.0f} img/s | eta {fmt_time(eta)}", d.rank)
                 if d.rank == 0:
-                    with open(run / "log.jsonl", "a") as f:
-                        f.write(json.dumps({"phase": phase, "step": step, **vals,
-                                            "images_per_s": ips, "time": now}) + "\n")
+                    try:
+                        with open(run / "log.jsonl", "a") as f:
+                            f.write(json.dumps({"phase": phase, "step": step, **vals,
+                                                "images_per_s": ips, "time": now}) + "\n")
+                    except OSError as e:
+                        raise not_saved(e, run / "log.jsonl", step)
                 sums, t_last, last_step = {}, now, step
             if step % args.save_every == 0 or step == total:
                 if bool(nonfinite):
                     raise FloatingPointError
-                checkpoint(step)
-                last_good = step
+                saved = last_good = checkpoint(step)
+    except (RuntimeError, IndexError, ValueError) as e:
+        if step > first_step or args.compile:  # a fault in a run that was training (or in the
+            raise  # compiler): a bug, keep its traceback
+        # the first step: the config does not fit the data or the device (channels, classes,
+        # memory); nothing was trained, nothing is lost
+        raise UsageError(f"{name} cannot train phase {phase} with this config on --data "
+                         f"{hp['data']}: {' '.join(str(e).split())[:200]}")
     except FloatingPointError:
         kept = f"the checkpoint of step {last_good} is kept" if last_good else (
             "the last checkpoint is kept" if path.exists() else "no checkpoint was written")
@@ -511,8 +773,33 @@ class TrainingStopped(Exception):
 def load_phase_weights(model, run, phase, ema=True, device="cpu"):
     """Load one phase's checkpoint from a run directory into the model; returns the checkpoint."""
     path = Path(run) / ckpt_name(model, phase)
-    ck = torch.load(path, map_location=device, weights_only=True)
-    phase_module(model, phase).load_state_dict(ck["ema" if ema else "state_dict"])
+    key = "ema" if ema else "state_dict"
+    ck = load_checkpoint(path, device, need=("model", "config", key))
+    load_weights(phase_module(model, phase), ck[key], path, key)
+    return ck
+
+
+def load_weights(module, state, path, key):
+    """module.load_state_dict, with weights that do not fit the model as one line naming the file."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UsageError(f"{path}: its {key!r} weights do not fit the model "
+                         f"({' '.join(str(e).split())[:160]})")
+
+
+def load_resume_checkpoint(path, device, name, phase, module, ema, opt):
+    """The checkpoint that --resume continues from, loaded into the module, its EMA and the
+    optimizer; a file that belongs to another model or phase (a renamed file) is refused."""
+    ck = load_checkpoint(path, device, need=("model", "config", "state_dict", "ema", "optimizer",
+                                             "step", "rng"))
+    if ck["model"] != name or ck.get("phase", phase) != phase:
+        raise UsageError(f"{path} holds phase {ck.get('phase', 'main')} of a {ck['model']} run, "
+                         f"not phase {phase} of {name}; was it renamed? Put it back, or start a "
+                         "new run with --out")
+    load_weights(module, ck["state_dict"], path, "state_dict")
+    load_weights(ema.module, ck["ema"], path, "ema")
+    load_weights(opt, ck["optimizer"], path, "optimizer")
     return ck
 
 
@@ -520,6 +807,8 @@ def resolve_run(name, args, overrides):
     """Work out the run directory, config and per-phase hyperparameters; refuse to overwrite."""
     spec, cls = MODELS[name], model_class(name)
     run = Path(args.out or f"runs/{name}")
+    if run.exists() and not run.is_dir():
+        raise UsageError(f"--out {run} is a file, not a run directory; choose another --out")
     info_path = run / "run.json"
     existing = info_path.exists()
     phases = phases_of(cls)
@@ -528,7 +817,7 @@ def resolve_run(name, args, overrides):
     if args.resume and not existing:
         raise UsageError(f"--resume: there is no run in {run} to continue (no run.json); "
                          "drop --resume to start one")
-    if not args.resume and run.exists() and any(run.iterdir()):
+    if not args.resume and run.exists() and any(p.name != ".lock" for p in run.iterdir()):
         new_phase = (args.phase and existing and not (run / ckpt_name(cls, args.phase)).exists())
         if not new_phase:
             raise UsageError(f"{run} already holds a run; continue it with --resume, "
@@ -537,7 +826,7 @@ def resolve_run(name, args, overrides):
                                                "warmup", "lr_schedule", "grad_clip", "ema_decay", "seed")
                 if getattr(args, k) is not None}
     if existing:
-        info = json.loads(info_path.read_text())
+        info = read_run_info(info_path, name)
         if info.get("model") != name:
             raise UsageError(f"{run} holds a {info.get('model')} run, not {name}; "
                              "choose another --out")
@@ -549,7 +838,10 @@ def resolve_run(name, args, overrides):
             raise UsageError(f"--preset {args.preset}: the run in {run} uses preset "
                              f"{info['preset']}; start a new run with --out")
         preset = info["preset"]
-        config = config_from_dict(type(presets(name)["tiny"]), info["config"])
+        try:
+            config = config_from_dict(type(presets(name)["tiny"]), info["config"])
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"{info_path}: {e}; it is damaged: start a new run with --out")
         hparams = info["hparams"]
         for phase in phases:  # explicit flags win; --steps applies to the phase(s) being run
             if args.phase in (None, phase):
@@ -567,9 +859,31 @@ def resolve_run(name, args, overrides):
     return run, config, hparams, existing
 
 
+def read_run_info(path, name):
+    """run.json of an existing run, its entries checked (one line naming a damaged one)."""
+    try:
+        info = json.loads(path.read_text())
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read it ({e.strerror})")
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise UsageError(f"{path} is damaged (not JSON: {e}); start a new run with --out")
+    if not isinstance(info, dict):
+        raise UsageError(f"{path} is damaged (not a mapping); start a new run with --out")
+    phases = phases_of(model_class(name)) if info.get("model") == name else ()
+    for key, ok in (("model", lambda v: isinstance(v, str)), ("preset", lambda v: isinstance(v, str)),
+                    ("config", lambda v: isinstance(v, dict)),
+                    ("hparams", lambda v: isinstance(v, dict) and all(
+                        isinstance(v.get(ph), dict) and HPARAMS <= set(v[ph]) for ph in phases))):
+        if key not in info or not ok(info[key]):
+            raise UsageError(f"{path} is damaged (its {key!r} entry is missing or of the wrong "
+                             "type); start a new run with --out")
+    return info
+
+
 def run_training(args, overrides):
     name = args.model
     d, device = setup_dist(args.device)
+    lock = info = None
     try:
         if args.precision == "fp16" and device.type != "cuda":
             raise UsageError("--precision fp16 needs CUDA; on a CPU use bf16 or fp32")
@@ -590,7 +904,7 @@ def run_training(args, overrides):
         torch.manual_seed(next(iter(hparams.values()))["seed"])  # the same init on every rank
         try:
             model = model_class(name)(config)
-        except (ValueError, TypeError) as e:
+        except Exception as e:  # the config came from the user's flags: any failure is theirs to fix
             raise UsageError(f"invalid {name} config: {e}")
         model.to(device)
         if args.channels_last:  # 4-d weights only: each convolution then computes and returns
@@ -603,14 +917,15 @@ def run_training(args, overrides):
                                      f"python train.py {name} --out {run} --phase {ph}")
         if d.on:  # every rank has checked the run directory before rank 0 writes into it: a slower
             dist.barrier()  # rank would otherwise find the new run.json and refuse ("already holds a run")
+        error = None
         if d.rank == 0:
-            run.mkdir(parents=True, exist_ok=True)
-            if not existing:
-                info = {"format": FORMAT_VERSION, "model": name, "preset": args.preset,
-                        "config": dataclasses.asdict(config), "hparams": hparams}
-                write_atomic(run / "run.json", lambda tmp: tmp.write_text(json.dumps(info, indent=1)))
-        if d.on:
-            dist.barrier()
+            info = None if existing else {"format": FORMAT_VERSION, "model": name, "preset": args.preset,
+                                          "config": dataclasses.asdict(config), "hparams": hparams}
+            try:
+                lock = claim_run(run, info)
+            except UsageError as e:
+                error = str(e)
+        agree(d, error)  # every rank stops when rank 0 cannot have the directory (also a barrier)
         todo = [args.phase] if args.phase else list(phases)
         for i, phase in enumerate(phases):
             if phase not in todo:
@@ -624,12 +939,84 @@ def run_training(args, overrides):
         spec = MODELS[name]
         n = spec.sample_n if args.sample_n is None else args.sample_n
         if d.rank == 0 and finished and n > 0:
-            write_samples(model, run, datasets["test"], device, args, config, spec.preview(config), n,
-                          spec.prompted)
+            try:
+                write_samples(model, run, datasets["test"], device, args, config, spec.preview(config),
+                              n, spec.prompted)
+            except KeyboardInterrupt:
+                raise TrainingStopped(f"interrupted while drawing the samples; the checkpoints in {run} "
+                                      f"are complete: sample with python sample.py {run}", 130)
+            except OSError as e:
+                raise TrainingStopped(f"error: cannot write the samples into {run} ({e.strerror or e}); "
+                                      f"the checkpoints are complete: sample with python sample.py {run}", 1)
         return 0
+    except UsageError:
+        if info is not None and lock is not None and not any(run.glob("ckpt*.pt")):
+            (run / "run.json").unlink(missing_ok=True)  # a new run that never saved a step (its
+        raise  # config did not fit the data): the same --out can be used again
     finally:
+        if lock is not None:
+            lock.close()  # releases the run directory
         if d.on:
             dist.destroy_process_group()
+
+
+def claim_run(run, info=None):
+    """Rank 0, before the first step: create the run directory, lock it for the life of this
+    process, check that it can be written, and write run.json (`info`) for a new run. Returns the
+    open lock file; closing it (or the process ending, even by kill -9) releases the lock.
+
+    The lock keeps a second train.py out while this one lives (two --resume runs would otherwise
+    write one temporary file and interleave log.jsonl); a directory that cannot be written (read-
+    only, a full disk) is refused here, not at the first checkpoint. A failure leaves a new
+    directory as it was: absent."""
+    created, lock, lock_created, owned = not run.exists(), None, False, False
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        lock_created = not (run / ".lock").exists()
+        lock = open(run / ".lock", "a")
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f"{run} is in use by another train.py (which holds {run / '.lock'}); "
+                                 "wait until it ends, or stop it first")
+        owned = True  # from here on, only this process changes the directory
+        if info is not None and (run / "run.json").exists():  # a new run started there meanwhile
+            raise UsageError(f"{run} already holds a run; continue it with --resume, "
+                             "or choose a new directory with --out")
+        probe = run / ".write_test"
+        try:
+            write_atomic(probe, lambda tmp: tmp.write_bytes(bytes(4096)))
+        finally:
+            probe.unlink(missing_ok=True)
+        if info is not None:
+            write_atomic(run / "run.json", lambda tmp: tmp.write_text(json.dumps(info, indent=1)))
+        return lock
+    except BaseException as e:
+        if owned and info is not None:  # a new run that never started: leave no trace of it
+            try:
+                if lock_created:
+                    (run / ".lock").unlink()
+                if created:
+                    run.rmdir()
+            except OSError:
+                pass
+        if lock is not None:
+            lock.close()
+        if isinstance(e, OSError):
+            raise UsageError(f"--out {run}: cannot write there ({e.strerror or e}); free some space, "
+                             "or choose another --out")
+        raise
+
+
+def agree(d, error):
+    """Rank 0's error (or None) raised on every rank, so that all stop together; a barrier too."""
+    if d.on:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UsageError(error)
 
 
 @torch.no_grad()
@@ -673,6 +1060,8 @@ def interleave(a, b):
 
 def main(argv=None):
     try:
+        if signal.getsignal(signal.SIGINT) is interrupted_at_start:  # torch is loaded: Ctrl-C is
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a KeyboardInterrupt again
         args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         return run_training(args, overrides)
     except (UsageError, ValueError) as e:  # the model files raise ValueError for bad input or config
@@ -681,6 +1070,17 @@ def main(argv=None):
     except TrainingStopped as e:
         print(e, file=sys.stderr)
         return e.code
+    except KeyboardInterrupt:  # outside the training loop, which saves a checkpoint itself
+        print("interrupted (Ctrl-C); every checkpoint already written is kept", file=sys.stderr)
+        return 130
+    except OSError as e:  # a file that cannot be read or written, found outside the checks above
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def one_line(e):
+    """An OSError as 'FILE: reason'."""
+    return f"{e.filename}: {e.strerror}" if e.filename and e.strerror else " ".join(str(e).split())
 
 
 if __name__ == "__main__":

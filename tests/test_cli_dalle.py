@@ -43,7 +43,7 @@ def test_bad_dalle_sampling_input(run_dir, tmp_path, capsys):
     assert sample.main([str(run_dir), "-n", "1", "--prompt", "x" * 200]) == 2
     assert "shorten the prompt" in error_line(capsys)
     assert sample.main([str(run_dir), "-n", "1", "--prompt", "a", "--top-p", "1.5"]) == 2
-    assert "top_p" in error_line(capsys)
+    assert "--top-p takes a number from 0 to 1" in error_line(capsys)
     # --rerank needs a run that can score images against captions
     assert sample.main([str(run_dir), "-n", "1", "--prompt", "a", "--rerank", str(run_dir)]) == 2
     assert "give a CLIP run" in error_line(capsys)

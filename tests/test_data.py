@@ -162,6 +162,110 @@ def test_cifar10_batches(tmp_path):
     assert ds[1]["caption"] == "a photo of an airplane" and ds[0]["image"].shape == (3, 32, 32)
 
 
+class _Py2Pickler(pickle._Pickler):
+    """Writes bytes and str as Python 2's str (BINSTRING) and numpy.core as the module name, the
+    way CIFAR-10's batches were pickled (by Python 2's cPickle, protocol 2)."""
+
+    def save_bytes(self, obj):
+        self.write((pickle.SHORT_BINSTRING + bytes([len(obj)]) if len(obj) < 256
+                    else pickle.BINSTRING + len(obj).to_bytes(4, "little")) + obj)
+        self.memoize(obj)
+
+    def save_str(self, obj):
+        self.save_bytes(obj.encode("latin1"))
+
+    def save_global(self, obj, name=None):
+        module = obj.__module__.replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__name__}\n".encode())
+        self.memoize(obj)
+
+    dispatch = {**pickle._Pickler.dispatch, bytes: save_bytes, str: save_str}
+
+
+@pytest.mark.parametrize("protocol", ["py2", 2, 4, 5])
+def test_cifar10_batches_of_every_pickle_protocol(tmp_path, protocol):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (3, 3072)).astype(np.uint8)
+    d = {b"batch_label": b"testing batch 1 of 1", b"data": x, b"labels": [9, 0, 4],
+         b"filenames": [b"a.png", b"b.png", b"c.png"]}
+    with open(tmp_path / "test_batch", "wb") as f:
+        if protocol == "py2":
+            _Py2Pickler(f, 2).dump(d)
+        else:
+            pickle.dump(d, f, protocol)
+    if protocol == "py2":
+        assert b"cnumpy.core.multiarray\n_reconstruct" in (tmp_path / "test_batch").read_bytes()
+    ds = data.make_dataset(f"cifar10:{tmp_path}", "test", 32)
+    assert len(ds) == 3 and ds[0]["caption"] == "a photo of a truck"
+    assert torch.equal(ds[1]["image"], torch.from_numpy(x[1].reshape(3, 32, 32)).float() / 127.5 - 1)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("content, message", [
+    (lambda m: {b"data": _Payload(m), b"labels": []}, "asks to call posix.system"),
+    (lambda m: {b"data": np.array([_Payload(m)], dtype=object), b"labels": []}, "dtype object"),
+    (lambda m: {b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, "dtype float32"),
+    (lambda m: {b"data": np.zeros((2, 3071), np.uint8), b"labels": [0, 1]}, "no uint8 'data'"),
+    (lambda m: {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, "class numbers"),
+    (lambda m: [1, 2], "no uint8 'data'"),
+])
+def test_cifar10_refuses_what_its_batches_never_hold(tmp_path, content, message):
+    """A pickle names the functions it calls: pickle.load would run os.system. Nothing but numpy's
+    array rebuilders may be called, and the contents must be a batch."""
+    marker = tmp_path / "ran"
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump(content(marker), f)
+    with pytest.raises(data.UsageError, match=message):
+        data.make_dataset(f"cifar10:{tmp_path}", "test", 32)
+    assert not marker.exists()
+    (tmp_path / "test_batch").write_bytes((tmp_path / "test_batch").read_bytes()[:40])
+    with pytest.raises(data.UsageError, match="truncated|not a CIFAR-10"):
+        data.make_dataset(f"cifar10:{tmp_path}", "test", 32)
+
+
+def test_mnist_damaged_files_say_what_is_wrong(tmp_path):
+    _idx(np.zeros((5, 28, 28)), tmp_path / "t10k-images-idx3-ubyte", False)
+    _idx(np.zeros(4), tmp_path / "t10k-labels-idx1-ubyte", False)
+    with pytest.raises(data.UsageError, match="expected N images"):
+        data.make_dataset(f"mnist:{tmp_path}", "test", 28)
+    images = tmp_path / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])  # was: "buffer is smaller than requested size"
+    with pytest.raises(data.UsageError, match="truncated: its header promises 5 x 28 x 28"):
+        data.make_dataset(f"mnist:{tmp_path}", "test", 28)
+    images.write_bytes(images.read_bytes()[:10])
+    with pytest.raises(data.UsageError, match="ends inside its header"):
+        data.make_dataset(f"mnist:{tmp_path}", "test", 28)
+
+
+@pytest.mark.parametrize("spec", ["shapes:-5", "shapes:0", "shapes:x"])
+def test_shapes_size_must_be_positive(spec):  # was: "__len__() should return >= 0"
+    with pytest.raises(data.UsageError, match="positive number of images"):
+        data.make_dataset(spec, "train", 32)
+
+
+def test_write_atomic_leaves_nothing_behind_a_failed_write(tmp_path):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+
+    def fail(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        data.write_atomic(target, fail)
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+    data.write_atomic(target, lambda tmp: tmp.write_bytes(b"new"))
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
 def test_step_batches_resume_exactly():
     full = list(data.StepBatches(100, 8, seed=1, start=0, total=30))
     assert full[20:] == list(data.StepBatches(100, 8, seed=1, start=20, total=30))
