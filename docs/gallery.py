@@ -6,7 +6,7 @@
 Every picture comes from a run's checkpoint through `sample.load_model`, so it shows what the code
 draws as it is. Samples of the generative models (one column per class for the class-conditional
 ones, one row per caption for the text-to-image ones) and test images beside their reconstructions
-for the autoencoders. A model whose run directory is missing is skipped with a line. CLIP and the
+for the autoencoders, each image shown at 64x64. A model whose run directory is missing is skipped with a line. CLIP and the
 noisy classifier draw nothing and have no picture.
 """
 import argparse
@@ -31,9 +31,23 @@ CAPTIONS = ("a large red circle at the top left", "a small blue triangle at the 
 PER_ROW = 6  # samples per caption or class
 
 
-def enlarge(x, side):
-    """(N, C, S, S) -> (N, C, side, side), nearest neighbour: 32-pixel images stay crisp."""
-    return F.interpolate(x.float(), size=(side, side), mode="nearest") if x.shape[-1] < side else x.float()
+def to_side(x, side):
+    """(N, C, S, S) -> (N, C, side, side): smaller images enlarged by nearest neighbour (32-pixel
+    images stay crisp), larger ones (unCLIP's 128) averaged down, so a picture stays small."""
+    mode = "nearest" if x.shape[-1] < side else "area"
+    return F.interpolate(x.float(), size=(side, side), mode=mode) if x.shape[-1] != side else x.float()
+
+
+def save_small(images, path, nrow):
+    """The grid as a PNG with an adaptive 256-colour palette: a fraction of the bytes of RGB for
+    pictures of a few pure colours (the speckle of diffusion samples is what costs bytes)."""
+    from PIL import Image
+    tmp = path.with_name(path.stem + ".rgb.png")
+    data.save_grid(images, tmp, nrow=nrow, pad_value=96)  # grey lines between black images
+    with Image.open(tmp) as im:
+        small = im.convert("RGB").quantize(colors=256)
+    data.write_atomic(path, lambda f: small.save(f, format="PNG", optimize=True))
+    tmp.unlink()
 
 
 def reconstructions(model, info, n=16):
@@ -93,9 +107,9 @@ def main(argv=None):
             print(f"{name}: draws nothing, no picture")
             continue
         images, nrow = picture
-        images = enlarge(images.cpu(), 64)
+        images = to_side(images.cpu(), 64)
         path = out / f"{name}.png"
-        data.save_grid(images, path, nrow=nrow, pad_value=96)  # grey lines between black images
+        save_small(images, path, nrow)
         print(f"{name}: {path} ({path.stat().st_size // 1024} KB, {time.time() - t0:.0f} s, "
               f"step {info['step']})")
     return 0
