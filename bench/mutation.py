@@ -317,6 +317,9 @@ def main(argv=None):
     p.add_argument("--sample", type=int, default=0, help="run a random sample of this many "
                    "mutants per file (an estimate of the kill rate, for quick before/after checks)")
     p.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    p.add_argument("--exclude-tests", action="append", default=[], metavar="SUBSTRING",
+                   help="drop the subset's test files containing this (e.g. _values.py, to "
+                   "measure the suite without the value tests)")
     p.add_argument("--tests", nargs="+", help="pytest arguments instead of the file's subset")
     args = p.parse_args(argv)
     os.chdir(ROOT)
@@ -331,7 +334,7 @@ def main(argv=None):
         spec, path = TARGETS[file], ROOT / file
         tests = args.tests or spec["tests"]
         tests = [t for t in tests if t.startswith("-") or Path(t.split("::")[0]).exists()
-                 or not t.endswith(".py")]
+                 and not any(x in t for x in args.exclude_tests)]
         ms = mutants(path, args.function or spec["functions"])
         excluded = [m for m in ms if key_of(file, m) in EQUIVALENT]
         if not args.show_excluded:
