@@ -114,10 +114,13 @@ def test_encode_splits_mu_and_clamped_logvar():
 def test_reconstruct_decodes_the_code_of_the_input(cls):
     torch.manual_seed(0)
     m = cls(CFG).eval()
+    with torch.no_grad():
+        m.decoder.net[-1].weight.mul_(50)  # means beyond [-1, 1], so the clamp acts
     x = images(3)
     code = m.encode(x)[0] if cls is VAE else m.encode(x)
     expect = m.decoder(code).clamp(-1, 1)
     got = m.reconstruct(x)
+    assert (got.abs() == 1).any() and (got.abs() < 1).any()
     torch.testing.assert_close(got, expect)
     assert (got - x).abs().mean() > 0.1  # not the input handed back
     # the code comes from this x: another input gives another reconstruction
@@ -213,9 +216,12 @@ def test_ae_loss_is_the_mse_of_the_corrupted_input_reconstruction():
 def test_sample_decodes_prior_draws_scaled_by_temperature():
     torch.manual_seed(0)
     m = VAE(CFG).eval()
+    with torch.no_grad():
+        m.decoder.net[-1].weight.mul_(50)  # means beyond [-1, 1], so the clamp acts
     torch.manual_seed(4)
     z = 0.5 * torch.randn(3, CFG.latent_dim)
     expect = m.decoder(z).clamp(-1, 1)
+    assert (expect.abs() == 1).any()
     torch.manual_seed(4)
     got = m.sample(3, temperature=0.5)
     torch.testing.assert_close(got, expect)
