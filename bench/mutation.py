@@ -312,7 +312,7 @@ def main(argv=None):
     p.add_argument("--list", action="store_true", help="list the mutants, do not run them")
     p.add_argument("--show-excluded", action="store_true", help="run the known equivalents too")
     p.add_argument("--timeout", type=float, default=None, help="seconds per mutant (default: "
-                   "5 x the unmutated run, at least 20)")
+                   "10 x the unmutated run, at least 60)")
     p.add_argument("-j", "--jobs", type=int, default=1, help="mutants run at once")
     p.add_argument("--sample", type=int, default=0, help="run a random sample of this many "
                    "mutants per file (an estimate of the kill rate, for quick before/after checks)")
@@ -353,7 +353,7 @@ def main(argv=None):
         t_base = time.time() - t0
         if base["base"] != "survived":
             sys.exit(f"{file}: the tests fail on the unmutated file; see {log_dir}/0.log")
-        timeout = args.timeout or max(20.0, 5 * t_base)
+        timeout = args.timeout or max(60.0, 10 * t_base)  # generous: a loaded machine is slow
         print(f"{file}: {len(ms)} mutants, unmutated tests {t_base:.1f}s, timeout {timeout:.0f}s",
               flush=True)
         jobs = [(m, mutated_tree(path, m[0], m[1], m[2])) for m in ms]
