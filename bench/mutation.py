@@ -77,6 +77,25 @@ TARGETS = {
                   "--deselect", "tests/test_dalle.py::test_dalle_12b_preset_has_12_billion_parameters",
                   "--deselect", "tests/test_dalle.py::test_tiny_pixel_likelihood_lets_a_minority_colour_through"],
     },
+    "ddpm.py": {
+        "functions": ["make_beta_schedule", "normal_kl", "discretized_gaussian_log_likelihood",
+                      "space_timesteps", "GaussianDiffusion.__init__", "GaussianDiffusion.respace",
+                      "GaussianDiffusion.q_sample", "GaussianDiffusion.q_mean_variance",
+                      "GaussianDiffusion.q_posterior_mean_variance",
+                      "GaussianDiffusion.predict_x_0_from_eps", "GaussianDiffusion.predict_eps_from_x_0",
+                      "GaussianDiffusion.predict_x_0_from_v", "GaussianDiffusion.training_target",
+                      "GaussianDiffusion.model_output_to_mean_variance",
+                      "GaussianDiffusion.p_mean_variance", "GaussianDiffusion.condition_mean",
+                      "GaussianDiffusion.condition_score", "GaussianDiffusion.p_sample",
+                      "GaussianDiffusion.ddim_sample", "GaussianDiffusion.sample_steps",
+                      "GaussianDiffusion.vb_terms_bpd", "GaussianDiffusion.prior_bpd",
+                      "GaussianDiffusion.training_losses", "GaussianDiffusion.calc_bpd",
+                      "timestep_embedding", "DDPM._importance_probs", "DDPM._update_history",
+                      "DDPM.loss", "DDPM.evaluate"],
+        "tests": ["tests/test_ddpm_values.py", "tests/test_ddpm.py", "-k",
+                  "not cli and not compile and not channels_last and not presets "
+                  "and not overfitting and not sdpa and not group_norm and not bf16"],
+    },
 }
 
 # Mutants that compute the same thing as the original (or differ only where no input can reach),

@@ -244,3 +244,22 @@ def test_sample_decodes_codes_drawn_from_the_label_conditioned_prior():
     torch.testing.assert_close(got, model.decode(codes))
     torch.manual_seed(5)
     assert not torch.equal(model.sample(2, temperature=0.7, label=2), got)
+
+
+def test_ema_update_laplace_smoothing_with_a_large_eps():
+    """eq. 6-8 with N~_i = (N_i + eps) / (sum N + K eps) sum N: with eps = 0.5 the smoothing moves
+    e by percents, so a dropped or misplaced eps shows (at 1e-5 it would hide in rounding)."""
+    torch.manual_seed(0)
+    K, D, gamma, eps = 4, 2, 0.8, 0.5
+    q = vqvae.VectorQuantizer(K, D, ema=True, gamma=gamma, eps=eps)
+    z = torch.randn(10, D)
+    one_hot = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 1, 1, 2, 0, 1, 0, 0]), K).float()
+    n_i = one_hot.sum(0)
+    N = gamma * q.N + (1 - gamma) * n_i
+    m = gamma * q.m + (1 - gamma) * one_hot.t() @ z
+    N_s = (N + eps) / (N.sum() + K * eps) * N.sum()
+    q.ema_update(z, one_hot, n_i)
+    torch.testing.assert_close(q.N, N)
+    torch.testing.assert_close(q.m, m)
+    torch.testing.assert_close(q.e, m / N_s[:, None])
+    assert ((m / N[:, None] - q.e).abs() > 1e-3).any()
