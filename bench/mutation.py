@@ -108,6 +108,9 @@ EQUIVALENT = {
 # calls whose removal only changes dtype, memory layout or aliasing: equivalent in fp32 on the CPU
 NEUTRAL_METHODS = {"float", "double", "contiguous", "clone", "to", "cpu", "cuda", "item",
                    "tolist", "detach_"}
+# calls whose two arguments can be swapped without changing the result (x.transpose(1, 2) is
+# x.transpose(2, 1)): their "swap args" mutants are equivalent by construction, so not made
+SYMMETRIC_CALLS = {"transpose", "swapaxes", "swapdims", "maximum", "minimum", "logaddexp"}
 MODULE_NAMES = {"torch", "F", "math", "nn", "dist"}
 
 SWAP_BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
@@ -201,7 +204,8 @@ def _mutations(node, func):
                 out.append(("drop call", c(node.args[0])))
             elif not is_module and not is_self and f.attr not in NEUTRAL_METHODS:
                 out.append(("drop method", c(base)))
-        if len(node.args) == 2:
+        symmetric = isinstance(f, ast.Attribute) and f.attr in SYMMETRIC_CALLS
+        if len(node.args) == 2 and not symmetric:
             out.append(("swap args", ast.Call(c(f), [c(node.args[1]), c(node.args[0])], c(node.keywords))))
         elif len(node.args) >= 3:
             a = c(node.args)

@@ -44,7 +44,7 @@ def decisive_model(seed=0):
 
 def test_attention_matches_a_hand_computation():
     torch.manual_seed(0)
-    B, C, H, W, heads = 2, 4, 2, 3, 2
+    B, C, H, W, heads = 2, 6, 2, 3, 2  # 3 channels per head: heads != channels per head
     att = vqvae2.CausalSelfAttention(C, heads, H * W)
     with torch.no_grad():
         att.pos.normal_()
