@@ -676,11 +676,17 @@ def adamw(params, lr, weight_decay, device):
 
 class EMA:
     """Exponential moving average of a module's weights; buffers are copied as they are.
-    decay ramps up as min(decay, (1 + step) / (10 + step)) so short runs are not dominated by init."""
+    decay ramps up as min(decay, (1 + step) / (10 + step)) so short runs are not dominated by init.
+
+    A module with `keep_live_weights = True` keeps its live weights (decay 0): its buffers are
+    learned state fitted to the live weights (the EMA codebook of vqvae.py and vqvae2.py follows
+    the live encoder), so averaged weights would not match them. On the VQ-VAE's default run the
+    live pairing gave test MSE 0.0048, EMA weights with the live codebook 0.0049, and EMA weights
+    with an EMA of the codebook buffers too 0.0050 (issue 26; docs/mutation_notes.md)."""
 
     def __init__(self, module, decay):
         self.module = copy.deepcopy(module).eval().requires_grad_(False)
-        self.decay = decay
+        self.decay = 0.0 if getattr(module, "keep_live_weights", False) else decay
 
     @torch.no_grad()
     def update(self, module, step):

@@ -420,6 +420,9 @@ class VQAutoencoder(nn.Module):
                                          cfg.gamma, cfg.eps, cfg.restart_after)
         self.decoder = Decoder(cfg.code_dim, cfg.hidden, cfg.in_channels, cfg.res_hidden,
                                cfg.num_res_blocks, cfg.downsample)
+        # An EMA codebook is fitted to the live encoder: train.py's EMA of the weights would pair
+        # averaged encoder and decoder weights with it, so it keeps the live weights instead.
+        self.keep_live_weights = cfg.ema
 
     def forward(self, x, update: bool = True) -> dict:
         z_e = self.pre_quant(self.encoder(x))  # (B, D, h, w)

@@ -509,6 +509,8 @@ class VQ2Autoencoder(nn.Module):
         self.quantizer_b = VectorQuantizer(cfg.num_codes, D, **vq)
         self.upsample_t = nn.ConvTranspose2d(D, D, 4, 2, 1)  # top codes to the bottom's size
         self.decoder = Decoder(2 * D, hid, cfg.in_channels, rh, nr, upsample=2)
+        # EMA codebooks follow the live encoders: train.py keeps the live weights (see vqvae.py)
+        self.keep_live_weights = cfg.ema
 
     def decode(self, z_q_top, z_q_bot):
         """x_hat = D(e_top, e_bottom): (B, D, H/8, W/8), (B, D, H/4, W/4) -> (B, C, H, W)."""
