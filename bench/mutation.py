@@ -96,6 +96,15 @@ TARGETS = {
                   "not cli and not compile and not channels_last and not presets "
                   "and not overfitting and not sdpa and not group_norm and not bf16"],
     },
+    # GaussianDiffusion and the schedule helpers are checked copies of ddpm.py's: mutated there.
+    "guided.py": {
+        "functions": ["timestep_embedding", "tokenize", "ClassifierFreeGuidance.forward",
+                      "classifier_cond_fn", "clip_cond_fn", "NoisyClassifier.loss",
+                      "NoisyClassifier.evaluate", "ADM.training_kwargs", "ADM.loss",
+                      "ADM.conditions", "ADM.sample", "GLIDE.loss", "GLIDE.sample"],
+        "tests": ["tests/test_guided_values.py", "tests/test_guided.py", "-k",
+                  "not cli and not parameter_counts and not sdpa and not losses_fall"],
+    },
 }
 
 # Mutants that compute the same thing as the original (or differ only where no input can reach),
