@@ -105,6 +105,18 @@ TARGETS = {
         "tests": ["tests/test_guided_values.py", "tests/test_guided.py", "-k",
                   "not cli and not parameter_counts and not sdpa and not losses_fall"],
     },
+    "unclip.py": {
+        "functions": ["resize", "slerp", "top_half", "cfg_combine", "DiffusionPrior.forward",
+                      "DiffusionPrior.loss", "DiffusionPrior.sample", "ARPrior.fit",
+                      "ARPrior.project", "ARPrior.unproject", "ARPrior.quantize",
+                      "ARPrior.dequantize", "ARPrior.encode", "ARPrior.decode", "ARPrior.loss",
+                      "ARPrior.sample", "Decoder.forward", "Decoder.loss", "Decoder.guided_model",
+                      "gaussian_kernel", "blur", "Upsampler.loss", "UnCLIP.sample_prior",
+                      "UnCLIP.decode", "UnCLIP.ddim_invert", "UnCLIP.interpolate", "UnCLIP.text_diff",
+                      "UnCLIP.evaluate"],
+        "tests": ["tests/test_unclip_values.py", "tests/test_unclip.py", "-k",
+                  "not cli and not presets and not bad_configs and not trains_on"],
+    },
 }
 
 # Mutants that compute the same thing as the original (or differ only where no input can reach),
