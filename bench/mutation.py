@@ -44,7 +44,7 @@ TARGETS = {
                       "VAE.set_progress", "VAE.encode", "VAE.reconstruct", "VAE.log_px_given_z",
                       "VAE.elbo_terms", "VAE.loss", "VAE.iwae_bound", "VAE.evaluate",
                       "VAE.sample", "AE.loss", "AE.evaluate", "AE.reconstruct"],
-        "tests": ["tests/test_vae.py", "tests/test_vae_values.py",
+        "tests": ["tests/test_vae_values.py", "tests/test_vae.py",
                   "--deselect", "tests/test_vae.py::test_presets_build_and_paper_count"],
     },
     "vqvae.py": {
@@ -53,7 +53,7 @@ TARGETS = {
                       "VectorQuantizer.ema_update", "VectorQuantizer._quantize",
                       "GatedLayer.forward", "GatedPixelCNN.label_cond", "VQVAE.loss",
                       "VQVAE.evaluate", "VQVAE.sample", "VQVAE.decode", "sample_codes"],
-        "tests": ["tests/test_vqvae.py", "tests/test_vqvae_values.py",
+        "tests": ["tests/test_vqvae_values.py", "tests/test_vqvae.py",
                   "--deselect", "tests/test_vqvae.py::test_presets_build_on_meta"],
     },
     # The quantiser, GatedLayer, sample_codes, ... are checked copies of vqvae.py's
@@ -63,7 +63,7 @@ TARGETS = {
                       "PixelCNNPrior.forward_embedded", "PixelCNNPrior.sample",
                       "VQ2Autoencoder.decode", "VQ2Autoencoder.forward", "VQVAE2.decode",
                       "VQVAE2.loss", "VQVAE2.evaluate", "VQVAE2.sample"],
-        "tests": ["tests/test_vqvae2.py", "tests/test_vqvae2_values.py",
+        "tests": ["tests/test_vqvae2_values.py", "tests/test_vqvae2.py",
                   "--deselect", "tests/test_vqvae2.py::test_presets_build_on_meta"],
     },
     "dalle.py": {
@@ -73,7 +73,7 @@ TARGETS = {
                       "DiscreteVAE.decode_tokens", "DALLETransformer.embed_image",
                       "DALLETransformer.forward", "DALLE.set_progress", "DALLE.dvae_loss",
                       "DALLE.transformer_loss", "DALLE.reconstruct", "DALLE.generate_tokens"],
-        "tests": ["tests/test_dalle.py", "tests/test_dalle_values.py",
+        "tests": ["tests/test_dalle_values.py", "tests/test_dalle.py",
                   "--deselect", "tests/test_dalle.py::test_dalle_12b_preset_has_12_billion_parameters",
                   "--deselect", "tests/test_dalle.py::test_tiny_pixel_likelihood_lets_a_minority_colour_through"],
     },
