@@ -377,8 +377,15 @@ def main(argv=None):
     for file in args.files or list(TARGETS):
         spec, path = TARGETS[file], ROOT / file
         tests = args.tests or spec["tests"]
-        tests = [t for t in tests if t.startswith("-") or Path(t.split("::")[0]).exists()
-                 and not any(x in t for x in args.exclude_tests)]
+        kept = []
+        for i, t in enumerate(tests):  # drop missing or excluded test files, keep options
+            is_value = i > 0 and tests[i - 1] in ("-k", "--deselect")
+            if (t.startswith("-") or (is_value and not t.startswith("tests/"))
+                    or Path(t.split("::")[0]).exists() and not any(x in t for x in args.exclude_tests)):
+                kept.append(t)
+            elif is_value and kept and kept[-1] == tests[i - 1]:
+                kept.pop()  # a --deselect of a dropped file
+        tests = kept
         ms = mutants(path, args.function or spec["functions"])
         excluded = [m for m in ms if key_of(file, m) in EQUIVALENT]
         if not args.show_excluded:
@@ -400,6 +407,7 @@ def main(argv=None):
         timeout = args.timeout or max(60.0, 10 * t_base)  # generous: a loaded machine is slow
         print(f"{file}: {len(ms)} mutants, unmutated tests {t_base:.1f}s, timeout {timeout:.0f}s",
               flush=True)
+        print(f"  tests: {' '.join(tests)}", flush=True)
         jobs = [(m, mutated_tree(path, m[0], m[1], m[2])) for m in ms]
         results = {}
         for k in range(0, len(jobs), 10):  # in slices, to print progress
