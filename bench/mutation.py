@@ -117,6 +117,14 @@ TARGETS = {
         "tests": ["tests/test_unclip_values.py", "tests/test_unclip.py", "-k",
                   "not cli and not presets and not bad_configs and not trains_on"],
     },
+    "clip.py": {
+        "functions": ["CLIP.encode_image", "CLIP.encode_text_tokens", "CLIP.encode_text",
+                      "CLIP.scale", "CLIP.forward", "CLIP.loss", "CLIP.caption_targets",
+                      "CLIP.rank_captions", "CLIP.retrieval_accuracy", "CLIP.evaluate",
+                      "CLIP.zero_shot_classifier", "CLIP.zero_shot_classify"],
+        "tests": ["tests/test_clip_values.py", "tests/test_clip.py", "-k",
+                  "not cli and not bpe and not openai and not vit_b and not overfitting"],
+    },
 }
 
 # Mutants that compute the same thing as the original (or differ only where no input can reach),
