@@ -130,8 +130,15 @@ TARGETS = {
 # Mutants that compute the same thing as the original (or differ only where no input can reach),
 # keyed "file: function: before -> after" as --list prints them. Each says why it is equivalent.
 EQUIVALENT = {
-    # log_ndtr(-lower) is only used where x > 0.999, and x == 1 exactly there; both bins' edges
-    # are then symmetric in a way the clamp of cdf_delta cannot see: no input distinguishes them.
+    "vae.py: VAE.loss: [D = x[0].numel()] 0 -> 1":
+        "D from image 1 instead of image 0: every image of a batch has the same size",
+    "vae.py: VAE.evaluate: [D = x[0].numel()] 0 -> 1":
+        "as in VAE.loss",
+    "dalle.py: filter_logits: [if top_k is not None and top_k < logits.shape[-1]:] "
+    "top_k < logits.shape[-1] -> top_k <= logits.shape[-1]":
+        "top_k == V keeps every logit either way: the k-th largest is the smallest, none is below",
+    "dalle.py: filter_logits: [if top_k is not None and top_k < logits.shape[-1]:] -1 -> 1":
+        "logits are (B, V): shape[1] is shape[-1]",
 }
 
 # calls whose removal only changes dtype, memory layout or aliasing: equivalent in fp32 on the CPU
@@ -283,10 +290,17 @@ def mutants(path, functions):
     out = []
     for q in functions:
         func = find_function(tree, q)
+        parent = {c: n for n in ast.walk(func) for c in ast.iter_child_nodes(n)}
         for i, node in enumerate(_sites(func)):
+            stmt = node
+            while not isinstance(stmt, ast.stmt):
+                stmt = parent[stmt]
+            where = ast.unparse(stmt).splitlines()[0][:70]
             for j, (label, new) in enumerate(_mutations(node, func)):
                 before = ast.unparse(node).splitlines()[0][:90]
                 after = ast.unparse(new).splitlines()[0][:90] if not isinstance(new, ast.Pass) else "pass"
+                if stmt is not node:  # name the statement, so equal snippets stay apart
+                    before = f"[{where}] {before}"
                 out.append((q, i, j, label, before, after, getattr(node, "lineno", 0)))
     return out
 
