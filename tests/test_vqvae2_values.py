@@ -71,15 +71,15 @@ def test_condition_sums_label_and_top_code_terms_per_layer():
     torch.manual_seed(0)
     prior = vqvae2.PixelCNNPrior(K=6, channels=2, layers=3, kernel=3, out_hidden=4, size=4,
                                  num_classes=3, cond_K=5, cond_blocks=1, res_hidden=2)
-    label = torch.tensor([2, -1])
-    top = torch.randint(0, 5, (2, 2, 2))
-    both = prior.condition(2, label, top)
-    lab = prior.label_embed(torch.tensor([2, 3])).view(2, 3, 4, 1, 1)  # -1: row num_classes
-    spatial = prior.cond_stack(prior.cond_embed(top).permute(0, 3, 1, 2)).view(2, 3, 4, 4, 4)
+    label = torch.tensor([2, -1, 0])
+    top = torch.randint(0, 5, (3, 2, 2))
+    both = prior.condition(3, label, top)
+    lab = prior.label_embed(torch.tensor([2, 3, 0])).view(3, 3, 4, 1, 1)  # -1: row num_classes
+    spatial = prior.cond_stack(prior.cond_embed(top).permute(0, 3, 1, 2)).view(3, 3, 4, 4, 4)
     for i in range(3):
         torch.testing.assert_close(both[i], lab[:, i] + spatial[:, i])
-    only_label = prior.condition(2, label)
-    only_top = prior.condition(2, None, top)
+    only_label = prior.condition(3, label)
+    only_top = prior.condition(3, None, top)
     for i in range(3):
         torch.testing.assert_close(only_label[i], lab[:, i])
         torch.testing.assert_close(only_top[i], spatial[:, i])

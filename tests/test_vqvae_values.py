@@ -149,12 +149,13 @@ def test_gated_layer_residual_and_condition_by_hand():
 def test_label_condition_rows_and_no_label():
     torch.manual_seed(0)
     prior = vqvae.GatedPixelCNN(K=5, channels=2, layers=3, kernel=3, out_hidden=4, num_classes=3)
-    conds = prior.label_cond(torch.tensor([2, -1]), 2)
+    conds = prior.label_cond(torch.tensor([2, -1, 0]), 3)
     table = prior.label_embed.weight.view(4, 3, 4)  # (classes + 1, layers, 2C)
     for i, c in enumerate(conds):
-        assert c.shape == (2, 4, 1, 1)
+        assert c.shape == (3, 4, 1, 1)
         torch.testing.assert_close(c[0].flatten(), table[2, i])
         torch.testing.assert_close(c[1].flatten(), table[3, i])  # -1: the "no label" row
+        torch.testing.assert_close(c[2].flatten(), table[0, i])  # class 0 is a class
     assert prior.label_cond(None, 2) == [None] * 3
 
 
