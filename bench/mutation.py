@@ -418,13 +418,15 @@ def main(argv=None):
                 kept.pop()  # a --deselect of a dropped file
         tests = kept
         ms = mutants(path, args.function or spec["functions"])
-        excluded = [m for m in ms if key_of(file, m) in EQUIVALENT]
-        if not args.show_excluded:
-            ms = [m for m in ms if key_of(file, m) not in EQUIVALENT]
         if args.sample and args.sample < len(ms):
             import random
             ms = sorted(random.Random(f"{args.seed}{file}").sample(ms, args.sample),
                         key=ms.index)
+        # sampled before the equivalents are dropped, so that a sample stays the same set of
+        # mutants when EQUIVALENT grows (before/after comparisons need the same mutants)
+        excluded = [m for m in ms if key_of(file, m) in EQUIVALENT]
+        if not args.show_excluded:
+            ms = [m for m in ms if key_of(file, m) not in EQUIVALENT]
         if args.list:
             for m in ms:
                 print(f"{file}:{m[6]} {m[3]:14} {key_of(file, m)}")
