@@ -247,9 +247,10 @@ def _mutations(node, func):
             elif not is_module and not is_self and f.attr not in NEUTRAL_METHODS:
                 out.append(("drop method", c(base)))
         symmetric = isinstance(f, ast.Attribute) and f.attr in SYMMETRIC_CALLS
-        if len(node.args) == 2 and not symmetric:
+        same = len(node.args) >= 2 and ast.dump(node.args[-1]) == ast.dump(node.args[-2])
+        if len(node.args) == 2 and not symmetric and not same:
             out.append(("swap args", ast.Call(c(f), [c(node.args[1]), c(node.args[0])], c(node.keywords))))
-        elif len(node.args) >= 3:
+        elif len(node.args) >= 3 and not same:  # (swapping two equal arguments changes nothing)
             a = c(node.args)
             a[-1], a[-2] = a[-2], a[-1]
             out.append(("swap args", ast.Call(c(f), a, c(node.keywords))))

@@ -91,7 +91,10 @@ def test_autoencoder_data_flow_by_hand():
     reads the upsampled top map joined with the bottom map."""
     model = decisive_model()
     ae, x = model.vqvae, images()
+    with torch.no_grad():
+        ae.decoder.net[-1].weight.mul_(50)  # outputs beyond [-1, 1], so decode's clamp acts
     out = ae(x, update=False)
+    assert (out["x_hat"].abs() > 1).any()
     h_b = ae.enc_b(x)
     qt = ae.quantizer_t(ae.pre_quant_t(ae.enc_t(h_b)), update=False)
     z_e_bot = ae.pre_quant_b(torch.cat([h_b, ae.dec_t(qt["z_q"])], 1))
@@ -127,6 +130,7 @@ def test_losses_and_evaluate_values():
     nll_t = F.cross_entropy(model.prior_top(top, label), top)
     nll_b = F.cross_entropy(model.prior_bottom(bottom, label, top), bottom)
     torch.testing.assert_close(model.loss(b, "prior_top")["loss"], nll_t)
+    torch.testing.assert_close(model.loss(b, "prior_top")["bits_per_code"], nll_t / math.log(2))
     torch.testing.assert_close(model.loss(b, "prior_bottom")["loss"], nll_b)
     torch.testing.assert_close(model.loss(b, "prior_bottom")["bits_per_code"], nll_b / math.log(2))
     # the bottom prior's loss reads the top codes and the label
