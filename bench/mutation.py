@@ -139,6 +139,10 @@ EQUIVALENT = {
         "top_k == V keeps every logit either way: the k-th largest is the smallest, none is below",
     "dalle.py: filter_logits: [if top_k is not None and top_k < logits.shape[-1]:] -1 -> 1":
         "logits are (B, V): shape[1] is shape[-1]",
+    "dalle.py: filter_logits: [probs = sorted_logits.softmax(-1)] -1 -> 1":
+        "sorted_logits are (B, V): dim 1 is dim -1",
+    "dalle.py: DALLE.generate_tokens: [return torch.multinomial(logits.softmax(-1), 1)] -1 -> 1":
+        "logits are (n, V): dim 1 is dim -1",
     "vqvae.py: VectorQuantizer.restart_dead_codes: [dist.broadcast(candidates, 0)] 0 -> 1":
         "not equivalent but unreachable here: it runs only under torch.distributed (the tests "
         "run one process); rank 0's candidates are the ones every rank must share",
