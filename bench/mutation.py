@@ -18,7 +18,7 @@ of torch. A mutant whose tests exceed the timeout (an endless loop) counts as ki
 OMP_NUM_THREADS=1 on a shared machine; -j runs several forks at once.
 
 What is not mutated: docstrings and other strings, input checks (an `if` whose body only raises,
-`raise` and `assert` statements), calls that only change dtype or copy (`.float()`, `.clone()`,
+`raise` and `assert` statements), progress messages (an `if` whose body only prints), calls that only change dtype or copy (`.float()`, `.clone()`,
 ...: equivalent on the fp32 CPU tests), and functions not listed in TARGETS (network layers
 whose exact form no paper fixes). Mutants known to be equivalent are listed in EQUIVALENT with
 the reason; they are reported but not counted.
@@ -171,9 +171,15 @@ FLIP_CMP = {ast.Lt: ast.Gt, ast.LtE: ast.GtE, ast.Gt: ast.Lt, ast.GtE: ast.LtE}
 # --- mutants ---
 
 
+def _is_print(stmt):
+    return (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call)
+            and isinstance(stmt.value.func, ast.Name) and stmt.value.func.id == "print")
+
+
 def _is_guard(stmt):
-    """An input check: `if cond: raise ...` (possibly with elif/else raising too)."""
-    return isinstance(stmt, ast.If) and all(isinstance(s, ast.Raise) for s in stmt.body)
+    """An input check, `if cond: raise ...`, or a progress message, `if cond: print(...)`."""
+    return isinstance(stmt, ast.If) and (all(isinstance(s, ast.Raise) for s in stmt.body)
+                                         or all(_is_print(s) for s in stmt.body))
 
 
 def _skipped(node):
