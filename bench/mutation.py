@@ -18,10 +18,13 @@ of torch. A mutant whose tests exceed the timeout (an endless loop) counts as ki
 OMP_NUM_THREADS=1 on a shared machine; -j runs several forks at once.
 
 What is not mutated: docstrings and other strings, input checks (an `if` whose body only raises,
-`raise` and `assert` statements), progress messages (an `if` whose body only prints), calls that only change dtype or copy (`.float()`, `.clone()`,
-...: equivalent on the fp32 CPU tests), and functions not listed in TARGETS (network layers
-whose exact form no paper fixes). Mutants known to be equivalent are listed in EQUIVALENT with
-the reason; they are reported but not counted.
+`raise` and `assert` statements), progress messages (an `if` whose body only prints), calls that
+only change dtype or copy (`.float()`, `.clone()`, ...: equivalent on the fp32 CPU tests), swaps
+of arguments that commute (`x.transpose(1, 2)`, `F.mse_loss(a, b)`) or are equal, and functions
+not listed in TARGETS (network layers whose exact form no paper fixes). Mutants known to be
+equivalent are listed in EQUIVALENT with the reason; they are reported but not counted. A
+--sample is drawn before the equivalents are dropped, so a before/after pair sees the same
+mutants.
 """
 
 import argparse
