@@ -146,6 +146,18 @@ EQUIVALENT = {
         "sorted_logits are (B, V): dim 1 is dim -1",
     "dalle.py: DALLE.generate_tokens: [return torch.multinomial(logits.softmax(-1), 1)] -1 -> 1":
         "logits are (n, V): dim 1 is dim -1",
+    # 8-bit data never sits exactly on +-0.999 (the nearest values are +-1 and +-(1 - 2/255))
+    "vae.py: discretized_gaussian_log_likelihood: [return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, l] x < -0.999 -> x <= -0.999":
+        "8-bit data: no pixel value is exactly -0.999",
+    "vae.py: discretized_gaussian_log_likelihood: [return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, l] x > 0.999 -> x >= 0.999":
+        "8-bit data: no pixel value is exactly 0.999",
+    "ddpm.py: discretized_gaussian_log_likelihood: [return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, lo] x < -0.999 -> x <= -0.999":
+        "8-bit data: no pixel value is exactly -0.999",
+    "ddpm.py: discretized_gaussian_log_likelihood: [return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, lo] x > 0.999 -> x >= 0.999":
+        "8-bit data: no pixel value is exactly 0.999",
+    "ddpm.py: timestep_embedding: [half = dim // 2] dim // 2 -> dim / 2":
+        "the same for an even dim, and every caller passes one (the U-Net's ch); arange(4.0) is "
+        "arange(4)",
     "vqvae.py: VectorQuantizer.restart_dead_codes: [dist.broadcast(candidates, 0)] 0 -> 1":
         "not equivalent but unreachable here: it runs only under torch.distributed (the tests "
         "run one process); rank 0's candidates are the ones every rank must share",
