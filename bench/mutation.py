@@ -470,7 +470,10 @@ def main(argv=None):
         jobs = [(m, mutated_tree(path, m[0], m[1], m[2])) for m in ms]
         results = {}
         for k in range(0, len(jobs), 10):  # in slices, to print progress
-            results.update(run_all(path, jobs[k:k + 10], tests, timeout, args.jobs, log_dir))
+            part = run_all(path, jobs[k:k + 10], tests, timeout, args.jobs, log_dir)
+            results.update(part)
+            for m in (m for m, r in part.items() if r == "survived"):  # as soon as known
+                print(f"  survived: {key_of(file, m)}", flush=True)
             done = len(results)
             killed = sum(r != "survived" for r in results.values())
             print(f"  {done}/{len(jobs)} run, {killed} killed ({time.time() - t0:.0f}s)", flush=True)
