@@ -174,3 +174,69 @@ def test_glide_upsamples_its_base_samples_with_the_prompt():
     expect = m.base.loss({**batch, "image": F.avg_pool2d(x, 2)})["loss"]
     torch.manual_seed(2)
     torch.testing.assert_close(m.loss(batch, "base")["loss"], expect)
+
+
+def test_classifier_evaluate_accuracies():
+    torch.manual_seed(0)
+    clf = wake(NoisyClassifier(ClassifierConfig(
+        image_size=8, model_channels=8, channel_mult=(1, 2), attention_resolutions=(4,),
+        num_head_channels=8, num_classes=3, diffusion_steps=50))).eval()
+    x, y = torch.rand(6, 3, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0, 1, 2])
+    zero = torch.zeros(6, dtype=torch.long)
+    acc_t0 = (clf(x, zero).argmax(-1) == y).float().mean()
+    torch.manual_seed(4)
+    t = torch.randint(0, 50, (6,))
+    acc_t = (clf(clf.diffusion.q_sample(x, t), t).argmax(-1) == y).float().mean()
+    torch.manual_seed(4)
+    out = clf.evaluate({"image": x, "label": y})
+    torch.testing.assert_close(out["acc_t0"], acc_t0)
+    torch.testing.assert_close(out["acc_random_t"], acc_t)
+
+
+def test_adm_loss_is_the_mean_hybrid_loss_of_the_dropped_conditions():
+    torch.manual_seed(0)
+    m = wake(ADM(tiny_adm()))
+    x, y = torch.rand(4, 3, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 1])
+    batch = {"image": x, "label": y, "caption": [""] * 4}
+    torch.manual_seed(6)
+    kw = m.training_kwargs(batch, x)
+    t = torch.randint(0, 50, (4,))
+    terms = m.diffusion.training_losses(m.unet, x, t, model_kwargs=kw)
+    torch.manual_seed(6)
+    out = m.loss(batch)
+    assert set(out) == {"loss", "mse", "vb"}
+    for k in out:
+        torch.testing.assert_close(out[k], terms[k].mean())
+    assert m.diffusion.loss_type == "hybrid" and m.diffusion.variance == "learned_range"
+    plain = ADM(tiny_adm(learn_sigma=False))
+    assert plain.diffusion.loss_type == "simple" and plain.diffusion.variance == "fixed_small"
+
+
+def test_conditions_take_label_tensors_prompt_lists_and_low_res():
+    m = ADM(tiny_adm(num_classes=3, text_ctx=6, xf_width=8, xf_layers=1, xf_heads=2, low_res_size=4))
+    low = torch.randn(2, 3, 4, 4)
+    kw, un, y = m.conditions(2, label=torch.tensor([2, 0]), prompt=["ab", "c"], low_res=low)
+    assert y.tolist() == [2, 0] and kw["y"].tolist() == [2, 0] and un["y"].tolist() == [3, 3]
+    tokens, mask = guided.tokenize(["ab", "c"], 6)
+    assert torch.equal(kw["tokens"], tokens) and torch.equal(kw["mask"], mask)
+    assert not un["mask"].any() and torch.equal(kw["low_res"], low)
+    torch.manual_seed(0)
+    _, _, drawn = m.conditions(300, low_res=torch.zeros(300, 3, 4, 4))
+    assert set(drawn.tolist()) == {0, 1, 2}  # random classes when no label is given
+    with pytest.raises(ValueError):
+        m.conditions(2, label=3, low_res=low)
+    with pytest.raises(ValueError):
+        m.conditions(2, prompt=["a"], low_res=low)
+
+
+def test_glide_without_prompt_samples_the_unguided_empty_caption():
+    base = tiny_adm(num_classes=0, image_size=8, text_ctx=8, xf_width=8, xf_layers=1, xf_heads=2)
+    up = tiny_adm(num_classes=0, image_size=16, low_res_size=8, text_ctx=8, xf_width=8,
+                  xf_layers=1, xf_heads=2, channel_mult=(1, 2, 2), p_uncond=0.0)
+    torch.manual_seed(0)
+    m = wake(guided.GLIDE(guided.GLIDEConfig(image_size=16, base=base, upsample=up))).eval()
+    torch.manual_seed(1)
+    low = m.base.sample(2, prompt=None, guidance_scale=1.0, steps=2, progress=False)
+    high = m.upsample.sample(2, prompt=None, steps=2, low_res=low, progress=False)
+    torch.manual_seed(1)
+    torch.testing.assert_close(m.sample(2, guidance_scale=5.0, steps=2, progress=False), high)
