@@ -240,3 +240,12 @@ def test_glide_without_prompt_samples_the_unguided_empty_caption():
     high = m.upsample.sample(2, prompt=None, steps=2, low_res=low, progress=False)
     torch.manual_seed(1)
     torch.testing.assert_close(m.sample(2, guidance_scale=5.0, steps=2, progress=False), high)
+
+
+def test_classifier_loss_of_an_unlabelled_batch_is_zero_not_nan():
+    torch.manual_seed(0)
+    clf = NoisyClassifier(ClassifierConfig(
+        image_size=8, model_channels=8, channel_mult=(1, 2), attention_resolutions=(4,),
+        num_head_channels=8, num_classes=3, diffusion_steps=50))
+    out = clf.loss({"image": torch.zeros(2, 3, 8, 8), "label": torch.tensor([-1, -1])})
+    assert out["loss"].item() == 0 and out["acc"].item() == 0
