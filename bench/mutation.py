@@ -190,6 +190,8 @@ EQUIVALENT = {
         "has no null label to map them to (its data must be fully labelled)",
     "guided.py: ADM.sample: [if progress is None:] progress is None -> progress is not None":
         "decides only whether a step counter is printed to stderr",
+    "unclip.py: slerp: [near = dot > 1 - 1e-05] dot > 1 - 1e-05 -> dot >= 1 - 1e-05":
+        "at dot == 1 - 1e-5 exactly both branches agree to float precision",
     "vqvae.py: VectorQuantizer.restart_dead_codes: [dist.broadcast(candidates, 0)] 0 -> 1":
         "not equivalent but unreachable here: it runs only under torch.distributed (the tests "
         "run one process); rank 0's candidates are the ones every rank must share",

@@ -252,3 +252,23 @@ def test_sample_prior_uses_the_caption_and_zero_z_t_for_empty_captions(monkeypat
     torch.testing.assert_close(z_t[0], m.embed_text(["a red circle"])[0])
     assert (z_t[1] == 0).all()
     assert torch.equal(text, m.prior_text(["a red circle", ""]))
+
+
+def test_ar_prior_fit_sets_pca_and_bucket_ranges_with_five_percent_margins():
+    prior = unclip.ARPrior(AR, D, V)
+    z_i, z_t = unit(40), unit(40, 1)
+    prior.fit(z_i, z_t)
+    zc = (z_i - z_i.mean(0)).double()
+    lam, vecs = torch.linalg.eigh(zc.T @ zc / 39)
+    top = vecs[:, lam.argsort(descending=True)[:3]].T.float()  # (K, D), up to sign
+    torch.testing.assert_close(prior.components.abs(), top.abs(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(prior.mean, z_i.mean(0))
+    torch.testing.assert_close(prior.eigenvalues, lam.sort(descending=True).values[:3].float())
+    y = (z_i - z_i.mean(0)) @ prior.components.T
+    pad = 0.05 * (y.max(0).values - y.min(0).values) + 1e-6
+    torch.testing.assert_close(prior.code_lo, y.min(0).values - pad)
+    torch.testing.assert_close(prior.code_hi, y.max(0).values + pad)
+    dot = (z_i * z_t).sum(-1)
+    dpad = 0.05 * (dot.max() - dot.min()) + 1e-6
+    torch.testing.assert_close(prior.dot_lo, dot.min() - dpad)
+    torch.testing.assert_close(prior.dot_hi, dot.max() + dpad)
