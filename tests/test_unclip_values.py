@@ -272,3 +272,41 @@ def test_ar_prior_fit_sets_pca_and_bucket_ranges_with_five_percent_margins():
     dpad = 0.05 * (dot.max() - dot.min()) + 1e-6
     torch.testing.assert_close(prior.dot_lo, dot.min() - dpad)
     torch.testing.assert_close(prior.dot_hi, dot.max() + dpad)
+
+
+def test_interpolate_slerps_embeddings_and_inverted_noises(monkeypatch):
+    m = tiny_unclip()
+    seen = {}
+
+    def fake_decode(z, captions, steps, eta, guidance_scale, noise=None, upsample_steps=None):
+        seen.update(z=z, noise=noise, eta=eta)
+        return torch.zeros(len(z), 3, 8, 8)
+
+    x_T = torch.randn(2, 3, 4, 4)
+    x_T[1] *= 3  # endpoints of different lengths
+    monkeypatch.setattr(m, "decode", fake_decode)
+    monkeypatch.setattr(m, "ddim_invert", lambda x, z, c, s: x_T)
+    a, b = torch.rand(3, 16, 16) * 2 - 1, torch.rand(3, 16, 16) * 2 - 1
+    m.interpolate(a, b, 3)
+    z = m.embed_image(torch.stack([a, b]))
+    flat = x_T.flatten(1)
+    for k, theta in enumerate((0.0, 0.5, 1.0)):
+        torch.testing.assert_close(seen["z"][k], unclip.slerp(z[:1], z[1:], theta)[0], atol=1e-5, rtol=1e-5)
+        d = unclip.slerp(F.normalize(flat[:1], dim=-1), F.normalize(flat[1:], dim=-1), theta)[0]
+        length = (1 - theta) * flat[0].norm() + theta * flat[1].norm()
+        torch.testing.assert_close(seen["noise"][k].flatten(), d * length, atol=1e-5, rtol=1e-5)
+    assert seen["eta"] == 0.0
+
+
+def test_evaluate_reports_mean_cosines_and_retrieval(monkeypatch):
+    m = tiny_unclip()
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    caps = ["a red circle", "a blue square", "a red circle"]
+    z_hat = F.normalize(torch.randn(3, 16), dim=-1)
+    monkeypatch.setattr(m, "sample_prior", lambda c, s, steps: z_hat)
+    out = m.evaluate({"image": x, "caption": caps})
+    z_i = m.embed_image(x)
+    torch.testing.assert_close(out["prior_cosine"], (z_hat * z_i).sum(-1).mean())
+    torch.testing.assert_close(out["caption_cosine"], (m.embed_text(caps) * z_i).sum(-1).mean())
+    torch.testing.assert_close(out["clip_retrieval_top1"],
+                               m.clip.retrieval_accuracy(unclip.resize(x, m.cfg.clip.image_size), caps))
