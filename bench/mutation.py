@@ -190,6 +190,8 @@ EQUIVALENT = {
         "has no null label to map them to (its data must be fully labelled)",
     "guided.py: ADM.sample: [if progress is None:] progress is None -> progress is not None":
         "decides only whether a step counter is printed to stderr",
+    "clip.py: CLIP.zero_shot_classify: [z_i = F.normalize(self.encode_image(image), dim=-1)] -1 -> 1":
+        "image features are (B, D): dim 1 is dim -1",
     "unclip.py: slerp: [near = dot > 1 - 1e-05] dot > 1 - 1e-05 -> dot >= 1 - 1e-05":
         "at dot == 1 - 1e-5 exactly both branches agree to float precision",
     "vqvae.py: VectorQuantizer.restart_dead_codes: [dist.broadcast(candidates, 0)] 0 -> 1":

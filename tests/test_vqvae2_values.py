@@ -69,13 +69,16 @@ def test_attention_matches_a_hand_computation():
 
 def test_condition_sums_label_and_top_code_terms_per_layer():
     torch.manual_seed(0)
-    prior = vqvae2.PixelCNNPrior(K=6, channels=2, layers=3, kernel=3, out_hidden=4, size=4,
-                                 num_classes=3, cond_K=5, cond_blocks=1, res_hidden=2)
+    prior = vqvae2.PixelCNNPrior(K=6, channels=4, layers=3, kernel=3, out_hidden=4, size=4,
+                                 num_classes=3, cond_K=5, cond_blocks=1, res_hidden=4)
     label = torch.tensor([2, -1, 0])
     top = torch.randint(0, 5, (3, 2, 2))
     both = prior.condition(3, label, top)
-    lab = prior.label_embed(torch.tensor([2, 3, 0])).view(3, 3, 4, 1, 1)  # -1: row num_classes
-    spatial = prior.cond_stack(prior.cond_embed(top).permute(0, 3, 1, 2)).view(3, 3, 4, 4, 4)
+    lab = prior.label_embed(torch.tensor([2, 3, 0])).view(3, 3, 8, 1, 1)  # -1: row num_classes
+    spatial = prior.cond_stack(prior.cond_embed(top).permute(0, 3, 1, 2)).view(3, 3, 8, 4, 4)
+    # the layout of the top map matters (a transposed map conditions differently)
+    transposed = prior.cond_stack(prior.cond_embed(top).permute(0, 3, 2, 1)).view(3, 3, 8, 4, 4)
+    assert not torch.allclose(spatial, transposed)
     for i in range(3):
         torch.testing.assert_close(both[i], lab[:, i] + spatial[:, i])
     only_label = prior.condition(3, label)
