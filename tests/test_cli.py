@@ -175,6 +175,14 @@ def test_ctrl_c_saves_and_resumes(tmp_path):
     assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == step + 2
 
 
+def free_port():
+    """A TCP port free now, so two suites running at once do not clash on a fixed one."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_process_ddp_on_cpu(tmp_path):
     """Two gloo ranks train together; only rank 0 prints and writes. Rank 1 is made to reach the
     run-directory check 2 s late (as on a loaded machine): it must still find no run there, not
@@ -194,7 +202,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
         "sys.exit(train.main())\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29571", str(late), "vae", *SMALL, "--steps", "4",
+                        "--master_port", str(free_port()), str(late), "vae", *SMALL, "--steps", "4",
                         "--device", "cpu", "--out", str(run)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
