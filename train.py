@@ -390,7 +390,7 @@ class EMA:
     learned state fitted to the live weights (the EMA codebook of vqvae.py and vqvae2.py follows
     the live encoder), so averaged weights would not match them. On the VQ-VAE's default run the
     live pairing gave test MSE 0.0048, EMA weights with the live codebook 0.0049, and EMA weights
-    with an EMA of the codebook buffers too 0.0050 (issue 26; docs/mutation_notes.md)."""
+    with an EMA of the codebook buffers too 0.0050 (docs/mutation_notes.md)."""
 
     def __init__(self, module, decay):
         self.module = copy.deepcopy(module).eval().requires_grad_(False)
