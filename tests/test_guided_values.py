@@ -1,29 +1,22 @@
 """guided.py value checks (issue 26): guidance gradients against closed forms, the classifier's
 masked loss, condition dropout and the sampling conditions (label, prompt, guidance route)."""
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import guided
-from guided import ADM, ADMConfig, ClassifierConfig, ClassifierFreeGuidance, NoisyClassifier
+from guided import ADM, ClassifierConfig, ClassifierFreeGuidance, NoisyClassifier
+from test_guided import tiny_adm, wake
 
 
-def tiny_adm(**kw):
-    base = dict(image_size=8, model_channels=8, channel_mult=(1, 2), attention_resolutions=(4,),
-                num_head_channels=8, num_classes=3, diffusion_steps=50, p_uncond=0.2)
-    return ADMConfig(**{**base, **kw})
-
-
-def wake(module, seed=0):
-    """Random weights for the zero-initialised output layers, so every path reaches the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return module
+def tiny_glide():
+    """A GLIDE of an 8x8 text-conditional base and its 8 -> 16 upsampler, every path awake."""
+    base = tiny_adm(num_classes=0, image_size=8, text_ctx=8, xf_width=8, xf_layers=1, xf_heads=2)
+    up = tiny_adm(num_classes=0, image_size=16, low_res_size=8, text_ctx=8, xf_width=8,
+                  xf_layers=1, xf_heads=2, channel_mult=(1, 2, 2), p_uncond=0.0)
+    torch.manual_seed(0)
+    return wake(guided.GLIDE(guided.GLIDEConfig(image_size=16, base=base, upsample=up))).eval()
 
 
 class LinearClassifier(torch.nn.Module):
@@ -154,11 +147,7 @@ def test_tokenize_bytes_truncation_and_mask():
 
 
 def test_glide_upsamples_its_base_samples_with_the_prompt():
-    base = tiny_adm(num_classes=0, image_size=8, text_ctx=8, xf_width=8, xf_layers=1, xf_heads=2)
-    up = tiny_adm(num_classes=0, image_size=16, low_res_size=8, text_ctx=8, xf_width=8,
-                  xf_layers=1, xf_heads=2, channel_mult=(1, 2, 2), p_uncond=0.0)
-    torch.manual_seed(0)
-    m = wake(guided.GLIDE(guided.GLIDEConfig(image_size=16, base=base, upsample=up))).eval()
+    m = tiny_glide()
     torch.manual_seed(1)
     low = m.base.sample(2, prompt="red", guidance_scale=2.0, steps=2, progress=False)
     high = m.upsample.sample(2, prompt="red", steps=2, low_res=low, progress=False)
@@ -230,11 +219,7 @@ def test_conditions_take_label_tensors_prompt_lists_and_low_res():
 
 
 def test_glide_without_prompt_samples_the_unguided_empty_caption():
-    base = tiny_adm(num_classes=0, image_size=8, text_ctx=8, xf_width=8, xf_layers=1, xf_heads=2)
-    up = tiny_adm(num_classes=0, image_size=16, low_res_size=8, text_ctx=8, xf_width=8,
-                  xf_layers=1, xf_heads=2, channel_mult=(1, 2, 2), p_uncond=0.0)
-    torch.manual_seed(0)
-    m = wake(guided.GLIDE(guided.GLIDEConfig(image_size=16, base=base, upsample=up))).eval()
+    m = tiny_glide()
     torch.manual_seed(1)
     low = m.base.sample(2, prompt=None, guidance_scale=1.0, steps=2, progress=False)
     high = m.upsample.sample(2, prompt=None, steps=2, low_res=low, progress=False)
