@@ -567,9 +567,9 @@ def to_device(batch, device, in_channels=3):
             **{k: image(v) for k, v in batch.items() if k == "image" or k.startswith("image_")}}
 
 
-def save_grid(images, path, nrow=None, pad=2, pad_value=0):
-    """(N, C, H, W) in [-1, 1] -> one PNG grid, written atomically; `pad` pixels of grey level
-    `pad_value` (0-255) between the images."""
+def grid_image(images, nrow=None, pad=2, pad_value=0):
+    """(N, C, H, W) in [-1, 1] -> one RGB PIL image of the images in a grid, `pad` pixels of grey
+    level `pad_value` (0-255) between them."""
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
@@ -582,4 +582,10 @@ def save_grid(images, path, nrow=None, pad=2, pad_value=0):
         r, c = divmod(i, nrow)
         grid[:, pad + r * (H + pad):pad + r * (H + pad) + H,
              pad + c * (W + pad):pad + c * (W + pad) + W] = x[i]
-    write_atomic(path, lambda tmp: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG"))
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+def save_grid(images, path, nrow=None, pad=2, pad_value=0):
+    """(N, C, H, W) in [-1, 1] -> one PNG grid (`grid_image`), written atomically."""
+    image = grid_image(images, nrow, pad, pad_value)
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -41,13 +41,9 @@ def to_side(x, side):
 def save_small(images, path, nrow):
     """The grid as a PNG with an adaptive 256-colour palette: a fraction of the bytes of RGB for
     pictures of a few pure colours (the speckle of diffusion samples is what costs bytes)."""
-    from PIL import Image
-    tmp = path.with_name(path.stem + ".rgb.png")
-    data.save_grid(images, tmp, nrow=nrow, pad_value=96)  # grey lines between black images
-    with Image.open(tmp) as im:
-        small = im.convert("RGB").quantize(colors=256)
+    grid = data.grid_image(images, nrow, pad_value=96)  # grey lines between black images
+    small = grid.quantize(colors=256)
     data.write_atomic(path, lambda f: small.save(f, format="PNG", optimize=True))
-    tmp.unlink()
 
 
 def reconstructions(model, info, n=16):
