@@ -291,3 +291,29 @@ def test_ddpm_sample_clamps_the_diffusion_sample():
     got = m.sample(2, steps=3, clip_denoised=False, progress=False)
     torch.testing.assert_close(got, raw.clamp(-1, 1))
     assert (raw.abs() > 1).any()  # so the clamp shows
+
+
+def test_ddim_at_eta_1_keeps_a_vanishing_direction_term_real():
+    """Two DDIM steps over a 1000-step cosine schedule: the last step's alpha_t = alpha_bar_t /
+    alpha_bar_{t-1} is ~2e-9, so at eta = 1 (sigma^2 = beta_tilde) the direction coefficient
+    1 - alpha_bar_{t-1} - sigma^2 = (1 - alpha_bar_{t-1})^2 alpha_t / (1 - alpha_bar_t) is ~4e-18,
+    below float32's rounding of its three terms, and must not become the sqrt of a negative."""
+    d = GaussianDiffusion(make_beta_schedule("cosine", 1000)).respace(2)
+    ab = d.alpha_bar
+    ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    t = torch.tensor([1, 1, 0])
+    gen = torch.Generator().manual_seed(0)
+    x_t = torch.randn(3, 2, 2, 2, generator=gen)
+    net = lambda x, t: 0.5 * x - 0.1  # noqa: E731  (some float32 eps model)
+    x0_hat = d.p_mean_variance(net, x_t, t)["pred_x_0"].double()
+    eps = (x_t.double() - g(ab, t).sqrt() * x0_hat) / g(1 - ab, t).sqrt()
+    beta_tilde = (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
+    direction = (1 - ab_prev) ** 2 * (ab / ab_prev) / (1 - ab)  # 1 - ab_prev - beta_tilde
+    torch.manual_seed(3)
+    z = torch.randn_like(x_t).double()
+    nonzero = (t != 0).double().reshape(-1, 1, 1, 1)
+    expect = (g(ab_prev, t).sqrt() * x0_hat + g(direction, t).sqrt() * eps
+              + nonzero * g(beta_tilde, t).sqrt() * z)
+    torch.manual_seed(3)
+    got = d.ddim_sample(net, x_t, t, eta=1.0)["sample"]
+    torch.testing.assert_close(got.double(), expect, atol=1e-5, rtol=1e-5)
