@@ -1,6 +1,8 @@
 """guided.py value checks (issue 26): guidance gradients against closed forms, the classifier's
 masked loss, condition dropout and the sampling conditions (label, prompt, guidance route)."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -234,3 +236,48 @@ def test_classifier_loss_of_an_unlabelled_batch_is_zero_not_nan():
         num_head_channels=8, num_classes=3, diffusion_steps=50))
     out = clf.loss({"image": torch.zeros(2, 3, 8, 8), "label": torch.tensor([-1, -1])})
     assert out["loss"].item() == 0 and out["acc"].item() == 0
+
+
+def test_tokenize_gpt2_bpe_merges_truncates_and_pads_with_the_end_token(tmp_path):
+    # a hand-made vocabulary: the 256 byte symbols with id = byte, then "re" (256), "red" (257)
+    # and <|endoftext|> (258, the pad); the merges r+e, then re+d
+    symbols = guided._byte_symbols()
+    encoder = {symbols[b]: b for b in range(256)}
+    encoder.update({"re": 256, "red": 257, "<|endoftext|>": 258})
+    (tmp_path / "encoder.json").write_text(json.dumps(encoder))
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\nr e\nre d\n")
+    bpe = guided.GPT2Tokenizer(str(tmp_path))
+    tokens, mask = guided.tokenize(["Red", "a red dog", ""], 4, bpe)
+    # "a red dog" -> "a", " red", " dog": the space (byte 32) starts a word and is not merged
+    assert tokens.tolist() == [[257, 258, 258, 258], [97, 32, 257, 32], [258] * 4]
+    assert mask.tolist() == [[True, False, False, False], [True] * 4, [False] * 4]
+
+
+def test_sampling_labels_of_any_integer_dtype_are_class_indices():
+    # labels as a data set may store them (uint8) reach the embedding as long indices
+    torch.manual_seed(0)
+    m = wake(ADM(tiny_adm())).eval()
+    kw, un, y = m.conditions(2, label=torch.tensor([2, 0], dtype=torch.uint8))
+    assert y.dtype == kw["y"].dtype == un["y"].dtype == torch.long
+    torch.manual_seed(5)
+    got = m.sample(2, label=torch.tensor([2, 0], dtype=torch.uint8), steps=2, progress=False)
+    torch.manual_seed(5)
+    torch.testing.assert_close(got, m.sample(2, label=torch.tensor([2, 0]), steps=2, progress=False))
+
+
+def test_glide_upsampler_takes_the_base_eta_unless_given_its_own_and_scales_its_x_T():
+    m = tiny_glide()
+
+    def two_stage(base_eta, up_eta, up_steps, temp):
+        torch.manual_seed(1)
+        low = m.base.sample(2, prompt="red", guidance_scale=2.0, steps=2, eta=base_eta, progress=False)
+        noise = torch.randn(2, 3, 16, 16) * temp  # x_T * temperature (GLIDE's notebook: 0.997)
+        return m.upsample.sample(2, prompt="red", steps=up_steps, eta=up_eta, low_res=low, noise=noise,
+                                 progress=False)
+
+    for eta, up_eta, up_steps, temp in ((0.0, None, None, 1.0), (None, 0.0, 3, 0.5), (0.5, 1.0, None, 1.0)):
+        torch.manual_seed(1)
+        got = m.sample(2, prompt="red", guidance_scale=2.0, steps=2, eta=eta, progress=False,
+                       upsample_steps=up_steps, upsample_eta=up_eta, upsample_temp=temp)
+        expect = two_stage(eta, eta if up_eta is None else up_eta, up_steps or 2, temp)
+        torch.testing.assert_close(got, expect)
