@@ -42,6 +42,17 @@ def test_slerp_follows_the_great_circle():
     torch.testing.assert_close(unclip.slerp(a, c, 0.3), 0.7 * a + 0.3 * c)
 
 
+def test_slerp_of_opposite_vectors_stays_finite():
+    # a . (-a) rounds to -1.0000002 in float32 here: below acos's domain unless clamped. The
+    # great circle is then undefined, but the formula's limit as w -> pi is cos(theta pi) a
+    # ((sin((1 - theta) w) - sin(theta w)) / sin(w) -> cos(theta pi)).
+    a = F.normalize(torch.ones(2, 7), dim=-1)
+    assert (a * -a).sum(-1).min() < -1
+    for theta in (0.25, 0.6):
+        torch.testing.assert_close(unclip.slerp(a, -a, theta), math.cos(theta * math.pi) * a,
+                                   atol=1e-3, rtol=0)
+
+
 def test_top_half_keeps_the_buckets_at_and_above_the_median():
     p = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.1, 0.1, 0.3], [0.6, 0.2, 0.1, 0.1]])
     expect = torch.tensor([[0.0, 0.0, 0.3, 0.4], [0.0, 0.1, 0.1, 0.3], [0.6, 0.2, 0.1, 0.1]])
