@@ -194,6 +194,35 @@ EQUIVALENT = {
         "image features are (B, D): dim 1 is dim -1",
     "unclip.py: slerp: [near = dot > 1 - 1e-05] dot > 1 - 1e-05 -> dot >= 1 - 1e-05":
         "at dot == 1 - 1e-5 exactly both branches agree to float precision",
+    "ddpm.py: GaussianDiffusion.ddim_sample: [return {'sample': (mean + nonzero * sigma * z).to(x_t.dtype), "
+    "'pred_x_] nonzero * sigma -> sigma":
+        "at t = 0 alpha_bar_prev is exactly 1, so sigma is exactly 0 there without the mask",
+    "guided.py: GLIDE.sample: [guidance_scale = 1.0] 1.0 -> 2.0":
+        "without a prompt both halves of the guided batch are the empty caption: eps_u + s (eps_c - "
+        "eps_u) is eps_u for any s",
+    "clip.py: CLIP.forward: [z_i = F.normalize(self.encode_image(image), dim=-1)] -1 -> 1":
+        "image features are (B, D): dim 1 is dim -1",
+    "clip.py: CLIP.forward: [z_t = F.normalize(self.encode_text(text), dim=-1)] -1 -> 1":
+        "text features are (B, D): dim 1 is dim -1",
+    "clip.py: CLIP.encode_text: [x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] -1 -> 1":
+        "token ids are (B, L): dim 1 is dim -1",
+    "clip.py: CLIP.encode_text: [tokens = self.tokenize(text, trim=True) if isinstance(text, (str, list] "
+    "True -> False":
+        "trim only drops padding after every end token: the causal Transformer's output at the end "
+        "token does not see it",
+    "clip.py: CLIP.caption_targets: [return (self.tokenize(distinct, truncate=True, trim=True), target)] "
+    "True -> False #2":
+        "trim: as in CLIP.encode_text",
+    "clip.py: CLIP.rank_captions: [return self(image, self.tokenize(captions, truncate=truncate, trim=Tru] "
+    "True -> False":
+        "trim: as in CLIP.encode_text",
+    "unclip.py: slerp: [if theta.dim() == 0:] theta.dim() == 0 -> theta.dim() != 0":
+        "the expand changes nothing: theta broadcasts against w (..., 1) with or without it",
+    "unclip.py: blur: [x = F.conv2d(F.pad(x, (p, p, 0, 0), mode='reflect'), k.view(1, 1, 1, -] "
+    "k.view(1, 1, 1, -1) -> k":
+        "k.repeat(C, 1, 1, 1) of the (size,) kernel is (C, 1, 1, size), what the view gives",
+    "unclip.py: Upsampler.loss: [if c < u.image_size:] c < u.image_size -> c <= u.image_size":
+        "at c == image_size the drawn crop is (0, 0) and the whole image; only the RNG stream moves",
     "vqvae.py: VectorQuantizer.restart_dead_codes: [dist.broadcast(candidates, 0)] 0 -> 1":
         "not equivalent but unreachable here: it runs only under torch.distributed (the tests "
         "run one process); rank 0's candidates are the ones every rank must share",
