@@ -53,6 +53,30 @@ def test_slerp_of_opposite_vectors_stays_finite():
                                    atol=1e-3, rtol=0)
 
 
+def test_upsampler_trains_on_matching_crops_at_every_offset(monkeypatch):
+    cfg = unclip.UpsamplerConfig(unet=unclip.guided.ADMConfig(
+        image_size=16, low_res_size=8, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+        norm_groups=8, attention_resolutions=(), num_head_channels=-1, learn_sigma=False),
+        crop_fraction=0.75)  # crops of 12 (a multiple of the UNet's step 2): offsets 0..4
+    up = unclip.Upsampler(cfg)
+    seen = []
+    monkeypatch.setattr(up.diffusion, "training_losses", lambda model, x_0, t, model_kwargs:
+                        seen.append((x_0, model_kwargs["low_res"])) or {"loss": torch.zeros(1)})
+    r = torch.arange(16.0)
+    image = torch.stack([r[:, None].expand(16, 16), r[None, :].expand(16, 16), torch.zeros(16, 16)])[None] / 16
+    low = unclip.resize(up.degrade(unclip.resize(image, 8)), 16)
+    torch.manual_seed(0)
+    offsets = set()
+    for _ in range(40):
+        up.loss(image)
+        x_0, lo = seen[-1]
+        i, j = round(x_0[0, 0, 0, 0].item() * 16), round(x_0[0, 1, 0, 0].item() * 16)
+        torch.testing.assert_close(x_0, image[..., i:i + 12, j:j + 12])
+        torch.testing.assert_close(lo, low[..., i:i + 12, j:j + 12])
+        offsets |= {i, j}
+    assert offsets == {0, 1, 2, 3, 4}
+
+
 def test_top_half_keeps_the_buckets_at_and_above_the_median():
     p = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.1, 0.1, 0.3], [0.6, 0.2, 0.1, 0.1]])
     expect = torch.tensor([[0.0, 0.0, 0.3, 0.4], [0.0, 0.1, 0.1, 0.3], [0.6, 0.2, 0.1, 0.1]])
