@@ -223,6 +223,20 @@ EQUIVALENT = {
         "k.repeat(C, 1, 1, 1) of the (size,) kernel is (C, 1, 1, size), what the view gives",
     "unclip.py: Upsampler.loss: [if c < u.image_size:] c < u.image_size -> c <= u.image_size":
         "at c == image_size the drawn crop is (0, 0) and the whole image; only the RNG stream moves",
+    "guided.py: ADM.sample: [progress = sys.stderr.isatty()] sys.stderr.isatty() -> sys.stderr":
+        "decides only whether a step counter is printed to stderr",
+    "unclip.py: resize: [if x.shape[-1] == size and x.shape[-2] == size:] -2 -> 2":
+        "images are (B, C, H, W): dim 2 is dim -2",
+    "unclip.py: slerp: [dot = (a * b).sum(-1, keepdim=True).clamp(-1 + 1e-07, 1 - 1e-07)] 1 -> 2 #3":
+        "a dot above 1 - 1e-5 takes the linear branch: the upper clamp only guards the discarded one",
+    "unclip.py: ARPrior.fit: [comps = comps * sign] comps * sign -> comps / sign":
+        "sign is +1 or -1: dividing by it is multiplying by it",
+    "unclip.py: ARPrior.quantize: [return ((y - lo) / (hi - lo) * n).floor().clamp(0, n - 1).long()] "
+    "((y - lo) / (hi - lo) * n).floor() -> (y - lo) / (hi - lo) * n":
+        "after clamp(0, n - 1) the values are >= 0, where .long()'s truncation is the floor",
+    "unclip.py: UnCLIP.interpolate: [z_theta = slerp(z[:1].expand(n, -1), z[1:].expand(n, -1), theta)] "
+    "z[1:].expand(n, -1) -> z[1:]":
+        "slerp broadcasts the (1, D) end against the (n, D) one",
     "vqvae.py: VectorQuantizer.restart_dead_codes: [dist.broadcast(candidates, 0)] 0 -> 1":
         "not equivalent but unreachable here: it runs only under torch.distributed (the tests "
         "run one process); rank 0's candidates are the ones every rank must share",
