@@ -237,6 +237,11 @@ EQUIVALENT = {
     "unclip.py: UnCLIP.interpolate: [z_theta = slerp(z[:1].expand(n, -1), z[1:].expand(n, -1), theta)] "
     "z[1:].expand(n, -1) -> z[1:]":
         "slerp broadcasts the (1, D) end against the (n, D) one",
+    "clip.py: CLIP.loss: [return {'loss': (loss_i2t + loss_t2i) / 2, 'loss_i2t': loss_i2t, 'loss] "
+    "self.scale().detach() -> self.scale()":
+        "the logged logit scale: detach changes no value, and only 'loss' is backpropagated",
+    "clip.py: CLIP.zero_shot_classify: [return (self.scale() * z_i @ weights.T).softmax(dim=-1)] -1 -> 1":
+        "the logits are (B, K): dim 1 is dim -1",
     "vqvae.py: VectorQuantizer.restart_dead_codes: [dist.broadcast(candidates, 0)] 0 -> 1":
         "not equivalent but unreachable here: it runs only under torch.distributed (the tests "
         "run one process); rank 0's candidates are the ones every rank must share",

@@ -67,3 +67,16 @@ def test_text_feature_is_the_projected_end_token_output():
     torch.testing.assert_close(m.encode_text(tokens), h[torch.arange(3), eot] @ m.text_projection)
     pos = m.token_embedding(tokens) + m.positional_embedding[:tokens.shape[1]]
     torch.testing.assert_close(h, m.ln_final(m.transformer(pos, causal=True)))
+
+
+def test_loss_cuts_training_captions_longer_than_the_context():
+    # a training caption longer than context_length is cut (ending in the end token), not refused
+    m, x = model_and_images()
+    long = "a red circle " * 20
+    captions = [long, "a blue square", long, "a green triangle", "a blue square"]
+    tokens = m.tokenize([long, "a blue square", "a green triangle"], truncate=True, trim=True)
+    logits = m(x, tokens)[0]  # (5, 3)
+    target = torch.tensor([0, 1, 0, 2, 1])
+    owners = F.one_hot(target, 3).T.float()
+    expect = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, owners / owners.sum(1, keepdim=True))) / 2
+    torch.testing.assert_close(m.loss({"image": x, "caption": captions})["loss"], expect)
