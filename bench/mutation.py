@@ -242,6 +242,8 @@ EQUIVALENT = {
         "the logged logit scale: detach changes no value, and only 'loss' is backpropagated",
     "clip.py: CLIP.zero_shot_classify: [return (self.scale() * z_i @ weights.T).softmax(dim=-1)] -1 -> 1":
         "the logits are (B, K): dim 1 is dim -1",
+    "guided.py: GLIDE.sample: [if upsample_temp != 1.0:] 1.0 -> 2.0":
+        "at temperature 1 the x_T drawn here (times 1) is the draw the upsampler makes itself",
     "vqvae.py: VectorQuantizer.restart_dead_codes: [dist.broadcast(candidates, 0)] 0 -> 1":
         "not equivalent but unreachable here: it runs only under torch.distributed (the tests "
         "run one process); rank 0's candidates are the ones every rank must share",
