@@ -253,6 +253,27 @@ def test_tokenize_gpt2_bpe_merges_truncates_and_pads_with_the_end_token(tmp_path
     assert mask.tolist() == [[True, False, False, False], [True] * 4, [False] * 4]
 
 
+def test_classifier_guided_samples_are_clamped_to_the_data_range():
+    # Alg. 1 shifts every mean by Sigma grad log p(y | x_t), the last one (t = 0) too, after the
+    # clamp of the predicted x_0: a strong gradient there pushes the raw samples past [-1, 1]. The
+    # classifier acts at t = 0 only, so earlier shifts cannot saturate its softmax.
+    torch.manual_seed(0)
+    m = wake(ADM(tiny_adm())).eval()
+    W = torch.randn(3, 3 * 8 * 8, generator=torch.Generator().manual_seed(1))
+
+    def classifier(x, t):
+        return x.flatten(1) @ W.t() * (t == 0)[:, None]  # (B, 3)
+
+    torch.manual_seed(5)
+    got = m.sample(2, label=1, classifier=classifier, classifier_scale=300.0, steps=3, progress=False)
+    torch.manual_seed(5)
+    y = torch.ones(2, dtype=torch.long)
+    raw = m.diffusion.sample(m.unet, (2, 3, 8, 8), 3, None, model_kwargs={"y": y},
+                             cond_fn=guided.classifier_cond_fn(classifier, y, 300.0), device="cpu")
+    assert raw.min() < -1.5 and raw.max() > 1.5
+    torch.testing.assert_close(got, raw.clamp(-1, 1))
+
+
 def test_sampling_labels_of_any_integer_dtype_are_class_indices():
     # labels as a data set may store them (uint8) reach the embedding as long indices
     torch.manual_seed(0)

@@ -42,6 +42,18 @@ def test_slerp_follows_the_great_circle():
     torch.testing.assert_close(unclip.slerp(a, c, 0.3), 0.7 * a + 0.3 * c)
 
 
+def test_slerp_of_a_batch_of_any_rank_is_the_slerp_of_each_pair():
+    # a, b: (..., D); a scalar theta applies to every pair (rows of 2 and 3: any mix-up of the
+    # batch dims fails to broadcast or pairs the wrong vectors)
+    a, b = unit(6).view(2, 3, D), unit(6, seed=1).view(2, 3, D)
+    got = unclip.slerp(a, b, 0.3)
+    for i in range(2):
+        for j in range(3):
+            w = torch.acos((a[i, j] * b[i, j]).sum())
+            expect = (torch.sin(0.7 * w) * a[i, j] + torch.sin(0.3 * w) * b[i, j]) / torch.sin(w)
+            torch.testing.assert_close(got[i, j], expect)
+
+
 def test_slerp_of_opposite_vectors_stays_finite():
     # a . (-a) rounds to -1.0000002 in float32 here: below acos's domain unless clamped. The
     # great circle is then undefined, but the formula's limit as w -> pi is cos(theta pi) a
@@ -51,6 +63,23 @@ def test_slerp_of_opposite_vectors_stays_finite():
     for theta in (0.25, 0.6):
         torch.testing.assert_close(unclip.slerp(a, -a, theta), math.cos(theta * math.pi) * a,
                                    atol=1e-3, rtol=0)
+
+
+def test_slerp_of_nearly_parallel_vectors_is_the_great_circle_without_the_clamps_bend():
+    # The dot is clamped to 1 - 1e-7, so for vectors closer than that the formula would use
+    # w = acos(1 - 1e-7) ~ 4.5e-4 instead of the true angle and leave the sphere by up to w^2 / 8
+    # ~ 2.5e-8; the linear branch is off by as much only at w ~ 4.5e-4, by 1e-11 at w = 1e-5. In
+    # float32 both are below rounding, so this runs in float64.
+    g = torch.Generator().manual_seed(3)
+    a = F.normalize(torch.randn(4, D, generator=g, dtype=torch.float64), dim=-1)
+    e = torch.randn(4, D, generator=g, dtype=torch.float64)
+    u = F.normalize(e - (e * a).sum(-1, keepdim=True) * a, dim=-1)  # orthogonal to a
+    for w in (0.0, 1e-5):
+        b = math.cos(w) * a + math.sin(w) * u  # at angle w from a
+        for theta in (0.25, 0.6):
+            # the point at angle theta w along the great circle from a to b
+            expect = math.cos(theta * w) * a + math.sin(theta * w) * u
+            torch.testing.assert_close(unclip.slerp(a, b, theta), expect, atol=1e-10, rtol=0)
 
 
 def test_upsampler_trains_on_matching_crops_at_every_offset(monkeypatch):
@@ -120,6 +149,30 @@ def test_diffusion_prior_reads_text_and_z_t():
     assert not torch.allclose(prior(x_t, t, text_ids(2, seed=1), z_t), out)
     assert not torch.allclose(prior(x_t, t, text, unit(2, seed=4)), out)
     assert not torch.allclose(prior(x_t, torch.tensor([4, 41]), text, z_t), out)
+
+
+def test_diffusion_prior_forward_reads_z_t_at_the_scale_of_the_image_embeddings():
+    # Appendix C: CLIP embeddings enter the prior scaled so each coordinate has RMS embed_std,
+    # i.e. times embed_std sqrt(D); the unit z_t token must be on that scale, as x_t is.
+    cfg = replace(DP, layers=2, embed_std=0.7)  # two layers: the causal mask reaches the query
+    torch.manual_seed(0)
+    prior = unclip.DiffusionPrior(cfg, D, V).eval()
+    x_t, t, text, z_t = 2 * torch.randn(3, D), torch.tensor([0, 17, 49]), text_ids(3), unit(3, seed=2)
+    scale = 0.7 * math.sqrt(D)
+    seen = []
+    prior.z_t_proj.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    prior(x_t, t, text, z_t)
+    torch.testing.assert_close(seen[0], z_t * scale)
+    # the pass by hand: tokens [caption, z_t, t, x_t, query] plus the first L + 4 positions, the
+    # causal Transformer, and the final query's output; captions may be shorter than text_ctx
+    for L in (6, 4):
+        with torch.no_grad():
+            tokens = torch.cat([prior.token_embedding(text[:, :L]), prior.z_t_proj(z_t * scale)[:, None],
+                                prior.time_embed(unclip.guided.timestep_embedding(t, 16))[:, None],
+                                prior.x_proj(x_t)[:, None], prior.query.expand(3, 1, 16)], 1)  # (3, L + 4, 16)
+            h = prior.transformer(tokens + prior.positional_embedding[:L + 4], causal=True)  # (3, L + 4, 16)
+            expect = prior.out(prior.ln_final(h[:, -1]))
+        torch.testing.assert_close(prior(x_t, t, text[:, :L], z_t), expect)
 
 
 def test_guided_prior_sampling_is_cfg_against_null_text_and_zero_z_t():
