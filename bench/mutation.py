@@ -229,6 +229,17 @@ EQUIVALENT = {
         "images are (B, C, H, W): dim 2 is dim -2",
     "unclip.py: slerp: [dot = (a * b).sum(-1, keepdim=True).clamp(-1 + 1e-07, 1 - 1e-07)] 1 -> 2 #3":
         "a dot above 1 - 1e-5 takes the linear branch: the upper clamp only guards the discarded one",
+    "unclip.py: slerp: [if theta.dim() == 0:] 0 -> 1":
+        "a 0-d theta then skips the expand, which changes nothing (see dim() != 0); a 1-d theta "
+        "broadcastable to (..., 1) has one element, and expanding it changes nothing either",
+    "unclip.py: slerp: [theta = theta.expand(*a.shape[:-1], 1)] theta.expand(*a.shape[:-1], 1) -> theta":
+        "the expand changes nothing: theta broadcasts against w (..., 1) with or without it",
+    "unclip.py: slerp: [dot = (a * b).sum(-1, keepdim=True).clamp(-1 + 1e-07, 1 - 1e-07)] "
+    "1 - 1e-07 -> 1 + 1e-07":
+        "a dot above 1 - 1e-5 takes the linear branch: the upper clamp only guards the discarded one "
+        "(slerp runs under no_grad, so the discarded branch's NaN never reaches a gradient)",
+    "unclip.py: slerp: [dot = (a * b).sum(-1, keepdim=True).clamp(-1 + 1e-07, 1 - 1e-07)] 1 - 1e-07 -> 1":
+        "the upper clamp: as for 1 + 1e-07",
     "unclip.py: ARPrior.fit: [comps = comps * sign] comps * sign -> comps / sign":
         "sign is +1 or -1: dividing by it is multiplying by it",
     "unclip.py: ARPrior.quantize: [return ((y - lo) / (hi - lo) * n).floor().clamp(0, n - 1).long()] "
