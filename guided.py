@@ -96,6 +96,7 @@ class ADMConfig:
     cond_dim: int = 0  # width of an extra conditioning vector added to the time embedding; 0: none
     context_dim: int = 0  # width of external context tokens for encoder_kv; 0: text width or none
     low_res_size: int = 0  # > 0: an upsampler from this side (GLIDE's super-resolution model)
+    self_condition: bool = False  # also take an earlier x_0 estimate as input (Chen et al. 2022)
     text_ctx: int = 0  # text tokens; 0: no text encoder
     xf_width: int = 0  # text Transformer width
     xf_layers: int = 0  # text Transformer depth
@@ -661,12 +662,15 @@ def _attention_ds(c):
 class UNet(nn.Module):
     """ADM's U-Net (Dhariwal & Nichol section 3), with GLIDE's text and context conditioning.
 
-    forward(x_t, t, y=None, cond=None, context=None, low_res=None, tokens=None, mask=None):
+    forward(x_t, t, y=None, cond=None, context=None, low_res=None, tokens=None, mask=None,
+            x_self=None):
       x_t (B, C, H, W); t (B,) original time indices; y (B,) labels (num_classes = null label);
       cond (B, cond_dim) projected and added to the time embedding; context (B, S, context_dim)
       extra keys/values of every attention layer; low_res (B, C, h, w) for an upsampler (resized
       bilinearly and concatenated with x_t); tokens, mask (B, text_ctx) for the text encoder, whose
-      last token is projected into the time embedding and all of whose tokens join the context.
+      last token is projected into the time embedding and all of whose tokens join the context;
+      x_self (B, C, H, W) with self_condition: an earlier estimate of x_0, concatenated with x_t
+      (None: zeros, as in training without one).
       Returns (B, 2C, H, W) with learn_sigma (eps and Improved DDPM's v), else (B, C, H, W).
     """
 
@@ -687,7 +691,7 @@ class UNet(nn.Module):
             self.label_emb = nn.Embedding(c.num_classes + (c.p_uncond > 0), emb_dim)
         if c.cond_dim:
             self.cond_proj = nn.Linear(c.cond_dim, emb_dim)
-        in_ch = c.in_channels * (2 if c.low_res_size else 1)
+        in_ch = c.in_channels * (1 + bool(c.low_res_size) + c.self_condition)
         self.input_blocks, chans, ch, ds = _encoder(c, emb_dim, attn_ds, c.num_heads, c.num_head_channels,
                                                     c.dropout, in_ch, context, c.new_attention_order)
         mk_res = lambda a, b, **kw: ResBlock(a, b, emb_dim, c.dropout, c.use_scale_shift_norm, groups=c.norm_groups, **kw)
@@ -727,7 +731,8 @@ class UNet(nn.Module):
             x = self.final_ln(x)
         return self.transformer_proj(x[:, -1]), x
 
-    def forward(self, x_t, t, y=None, cond=None, context=None, low_res=None, tokens=None, mask=None):
+    def forward(self, x_t, t, y=None, cond=None, context=None, low_res=None, tokens=None, mask=None,
+                x_self=None):
         c = self.config
         emb = self.time_embed(timestep_embedding(t, c.model_channels).to(x_t.dtype))  # (B, 4 mc)
         if c.num_classes:
@@ -750,6 +755,10 @@ class UNet(nn.Module):
                 raise ValueError("this UNet is an upsampler: pass low_res")
             up = F.interpolate(low_res.to(x_t.dtype), x_t.shape[-2:], mode="bilinear", align_corners=False)
             h = torch.cat([x_t, up], 1)                                     # (B, 2C, H, W)
+        if c.self_condition:
+            h = torch.cat([h, torch.zeros_like(x_t) if x_self is None else x_self.to(x_t.dtype)], 1)
+        elif x_self is not None:
+            raise ValueError("x_self needs self_condition = True in the config")
         hs = []
         for block in self.input_blocks:
             h = block(h, emb, context)

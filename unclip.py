@@ -544,13 +544,15 @@ class Decoder(nn.Module):
                                         variance="learned_range" if u.learn_sigma else "fixed_small",
                                         loss="hybrid" if u.learn_sigma else "simple")
 
-    def forward(self, x_t, t, z_i, tokens=None, mask=None):
+    def forward(self, x_t, t, z_i, tokens=None, mask=None, x_self=None):
         """x_t (B, C, H, W), t (B,), z_i (B, D) unit (zeros: no embedding), tokens/mask (B, L) of the
-        caption (when the UNet has a text encoder). Returns the UNet's output (B, 2C or C, H, W)."""
+        caption (when the UNet has a text encoder), x_self (B, C, H, W) the previous estimate of x_0
+        (unet.self_condition; None: zeros). Returns the UNet's output (B, 2C or C, H, W)."""
         B, D = z_i.shape
         z = z_i.to(x_t.dtype) * math.sqrt(D)  # unit variance per coordinate
         ctx = self.to_tokens(z).view(B, self.cfg.context_tokens, self.width)  # (B, 4, W)
-        return self.unet(x_t, t, cond=z, context=ctx, tokens=tokens, mask=mask)
+        kw = {"x_self": x_self} if self.cfg.unet.self_condition else {}
+        return self.unet(x_t, t, cond=z, context=ctx, tokens=tokens, mask=mask, **kw)
 
     @torch.compiler.disable  # host-side string work: torch.compile would specialise on every caption
     def tokenize(self, captions, device):
@@ -567,9 +569,29 @@ class Decoder(nn.Module):
         keep_z = (torch.rand(B, device=x_0.device) >= self.cfg.z_drop).to(z_i.dtype)
         tokens, mask = self.drop_and_tokenize(captions, x_0.device)
         t = torch.randint(0, self.diffusion.num_timesteps, (B,), device=x_0.device)
-        terms = self.diffusion.training_losses(self, x_0, t, model_kwargs={
-            "z_i": z_i * keep_z[:, None], "tokens": tokens, "mask": mask})
+        kw = {"z_i": z_i * keep_z[:, None], "tokens": tokens, "mask": mask}
+        noise = None
+        if self.cfg.unet.self_condition:
+            noise = torch.randn_like(x_0)
+            kw["x_self"] = self.self_condition(x_0, t, noise, kw)
+        terms = self.diffusion.training_losses(self, x_0, t, noise=noise, model_kwargs=kw)
         return {k: v.mean() for k, v in terms.items()}
+
+    @torch.no_grad()
+    def self_condition(self, x_0, t, noise, kw, p=0.5):
+        """Self-conditioning in training (Chen et al. 2022, arXiv:2208.04202, algorithm 1): for a
+        random half of the batch, the model's own estimate x_0_hat(x_t, 0), computed without
+        gradients, becomes the x_self input of the trained forward; zeros for the other half.
+        At sampling each step gets the previous step's x_0_hat (`sample`)."""
+        use = torch.rand(x_0.shape[0], device=x_0.device) < p  # (B,)
+        x_self = torch.zeros_like(x_0)
+        if use.any():
+            x_t = self.diffusion.q_sample(x_0[use], t[use], noise[use])
+            sub = {k: None if v is None else v[use] for k, v in kw.items()}
+            out = self(x_t, self.diffusion.timestep_map.to(t.device)[t[use]], **sub).float()
+            x_self[use] = self.diffusion.model_output_to_mean_variance(
+                out, x_t.float(), t[use], clip_denoised=True)["pred_x_0"].to(x_0.dtype)
+        return x_self
 
     @torch.compiler.disable  # host-side string work, as `tokenize`
     def drop_and_tokenize(self, captions, device):
@@ -841,8 +863,12 @@ class UnCLIP(nn.Module):
         dec = self.decoder
         S = self.cfg.decoder.unet.image_size
         model, kw = dec.guided_model(z_i, captions, guidance_scale)
-        x = dec.diffusion.sample(model, (len(z_i), self.cfg.in_channels, S, S), steps=steps or dec.cfg.sample_steps,
-                                 eta=eta, noise=noise, model_kwargs=kw, device=z_i.device)
+        for out in dec.diffusion.sample_steps(model, (len(z_i), self.cfg.in_channels, S, S),
+                                              steps=steps or dec.cfg.sample_steps, eta=eta, noise=noise,
+                                              model_kwargs=kw, device=z_i.device):
+            if dec.cfg.unet.self_condition:  # the next step sees this step's (guided) x_0 estimate
+                kw["x_self"] = out["pred_x_0"]
+        x = out["sample"]
         if upsample:
             x = self.upsampler1.sample(x, upsample_steps)
             x = self.upsampler2.sample(x, upsample_steps)

@@ -385,3 +385,50 @@ def test_moving_the_model_moves_every_schedule(monkeypatch):
     moved.clear()
     meta.to(torch.float32)
     assert moved == [] and meta.decoder.diffusion.betas.device.type == "cpu"
+
+
+def test_self_conditioning_trains_on_half_the_batch_and_samples_with_the_last_estimate(monkeypatch):
+    """Chen et al. 2022, algorithm 1: in training, a random half of the batch gets the model's own
+    clipped x_0 estimate (computed without gradients) as x_self and the other half zeros; in
+    sampling, each step gets the previous step's x_0 estimate, the first step zeros."""
+    torch.manual_seed(0)
+    cfg = tiny_config().decoder
+    cfg = replace(cfg, unet=replace(cfg.unet, self_condition=True))
+    dec = unclip.Decoder(cfg, D)
+    for p in dec.parameters():  # a non-trivial output (the UNet's last layer starts at zero)
+        p.data.add_(0.05 * torch.randn_like(p))
+    z = torch.nn.functional.normalize(torch.randn(6, D), dim=-1)
+    x, t = torch.randn(6, 3, 16, 16), torch.full((6,), 500)
+    tok = dec.tokenize([""] * 6, "cpu")
+    assert not torch.allclose(dec(x, t, z, *tok, x_self=x.clamp(-1, 1)), dec(x, t, z, *tok))
+    torch.testing.assert_close(dec(x, t, z, *tok), dec(x, t, z, *tok, x_self=torch.zeros_like(x)))
+    calls = []
+    forward = unclip.Decoder.forward
+
+    def spy(self, x_t, t, z_i, tokens=None, mask=None, x_self=None):
+        out = forward(self, x_t, t, z_i, tokens, mask, x_self)
+        calls.append((x_t, t, x_self, out.detach(), torch.is_grad_enabled()))
+        return out
+
+    monkeypatch.setattr(unclip.Decoder, "forward", spy)
+    x_0 = torch.rand(6, 3, 16, 16) * 2 - 1
+    dec.loss(x_0, z, ["a small red square at the top"] * 6)
+    (xt_h, t_h, xs_h, out_h, grad_h), (xt, t, xs, _, grad) = calls
+    assert not grad_h and grad and xs_h is None
+    ab = dec.diffusion.alpha_bar[t_h].float().view(-1, 1, 1, 1)
+    v = out_h[:, :3]
+    expect = (ab.sqrt() * xt_h - (1 - ab).sqrt() * v).clamp(-1, 1)  # x_0 from v (Salimans & Ho eq. 9)
+    used = xs.flatten(1).abs().sum(1) > 0
+    assert 0 < int(used.sum()) < 6 and int(used.sum()) == len(xt_h)
+    torch.testing.assert_close(xs[used], expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xt[used], xt_h)  # the same x_t (same noise and t) in both passes
+    # sampling: the previous step's x_0 estimate
+    calls.clear()
+    model = unclip.UnCLIP(tiny_config(decoder=cfg)).eval()
+    model.decoder.load_state_dict(dec.state_dict())
+    model.decode(z[:2], [""] * 2, steps=3, guidance_scale=1.0, upsample=False)
+    assert len(calls) == 3 and calls[0][2] is None
+    for (xt_a, t_a, _, out_a, _), (_, _, xs_b, _, _) in zip(calls, calls[1:]):
+        ab = dec.diffusion.alpha_bar[t_a].float().view(-1, 1, 1, 1)
+        torch.testing.assert_close(xs_b, (ab.sqrt() * xt_a - (1 - ab).sqrt() * out_a[:, :3]).clamp(-1, 1),
+                                   atol=1e-5, rtol=1e-5)
