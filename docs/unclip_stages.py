@@ -1,0 +1,55 @@
+"""Where unCLIP loses the shape: the pixel judge (data.caption_accuracy) and the background level
+(data.background_level) after each stage, on the first N shapes test captions.
+
+    python docs/unclip_stages.py runs/unclip --n 192
+
+Rows: the test images drawn at the decoder's side, passed through upsampler 1 and then 2 (what the
+upsamplers do to perfect inputs); the decoder's own images from the prior's z_i (guidance 3), and
+the same after each upsampler. For the decoder's images, also how often each requested size and
+shape was judged as each shape.
+"""
+import argparse
+import sys
+from collections import Counter
+
+import torch
+
+sys.path.insert(0, ".")
+import data  # noqa: E402
+import sample  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("run", help="an unclip run directory (or its ckpt_decoder.pt)")
+p.add_argument("--n", type=int, default=192, help="test captions")
+p.add_argument("--seed", type=int, default=0)
+a = p.parse_args()
+torch.manual_seed(a.seed)
+model, info = sample.load_model(a.run)
+S = model.cfg.decoder.unet.image_size
+ds = data.make_dataset("shapes", "test", model.cfg.image_size)
+ds.extra_sizes = (S,)  # the same shapes drawn at the decoder's side
+items = [ds[i] for i in range(a.n)]
+captions = [it["caption"] for it in items]
+
+
+def report(name, x):
+    acc = data.caption_accuracy(x, captions)
+    print(f"{name:34s} shape {100 * acc['shape']:5.1f}%  all four {100 * acc['all']:5.1f}%  "
+          f"background {data.background_level(x):5.2f}", flush=True)
+
+
+with torch.no_grad():
+    report(f"test images at {S}", torch.stack([it[f"image_{S}"] for it in items]))
+    x = model.upsampler1.sample(torch.stack([it[f"image_{S}"] for it in items]))
+    report("  -> upsampler 1", x)
+    report("  -> upsampler 2", model.upsampler2.sample(x))
+    z_i = model.sample_prior(captions)
+    x = model.decode(z_i, captions, upsample=False)
+    report(f"decoder at {S} (prior z_i)", x)
+    judged = Counter((f"{data.parse_caption(c)['size']} {data.parse_caption(c)['shape']}",
+                      (j or {}).get("shape")) for c, j in zip(captions, data.judge_shapes(x)))
+    x = model.upsampler1.sample(x)
+    report("  -> upsampler 1", x)
+    report("  -> upsampler 2", model.upsampler2.sample(x))
+print("decoder's images, requested -> judged:", ", ".join(f"{want} -> {got}: {k}"
+                                                         for (want, got), k in sorted(judged.items(), key=str)))
