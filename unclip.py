@@ -517,6 +517,9 @@ class Decoder(nn.Module):
     z_i is projected and added to the time embedding (the UNet's `cond` input) and projected into
     `context_tokens` extra tokens joined to the text encoder's outputs (the UNet's `context`, which
     every attention layer attends to). Trained with Improved DDPM's learned variance (hybrid loss).
+    With `unet.self_condition` (not in the paper; off in every preset) the UNet also reads its own
+    previous estimate of x_0 (Chen et al. 2022): on the shapes data it moved shape by a point, for
+    a fifth more time a step (docs/results.md).
 
     The unit-norm z_i enters both projections multiplied by sqrt(D), so that its coordinates have
     unit variance, as the prior's embeddings do (appendix C) and as a linear layer's initialisation
