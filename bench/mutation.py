@@ -193,6 +193,9 @@ EQUIVALENT = {
         "decides only whether a step counter is printed to stderr",
     "clip.py: CLIP.zero_shot_classify: [z_i = F.normalize(self.encode_image(image), dim=-1)] -1 -> 1":
         "image features are (B, D): dim 1 is dim -1",
+    "unclip.py: Decoder.self_condition: [use = torch.rand(x_0.shape[0], device=x_0.device) < p] "
+    "torch.rand(x_0.shape[0], device=x_0.device) < p -> torch.rand(x_0.shape[0], device=x_0.device) <= p":
+        "a uniform draw equals p with probability 0",
     "unclip.py: slerp: [near = dot > 1 - 1e-05] dot > 1 - 1e-05 -> dot >= 1 - 1e-05":
         "at dot == 1 - 1e-5 exactly both branches agree to float precision",
     "ddpm.py: GaussianDiffusion.ddim_sample: [return {'sample': (mean + nonzero * sigma * z).to(x_t.dtype), "

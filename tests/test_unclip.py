@@ -432,3 +432,18 @@ def test_self_conditioning_trains_on_half_the_batch_and_samples_with_the_last_es
         ab = dec.diffusion.alpha_bar[t_a].float().view(-1, 1, 1, 1)
         torch.testing.assert_close(xs_b, (ab.sqrt() * xt_a - (1 - ab).sqrt() * out_a[:, :3]).clamp(-1, 1),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_self_conditioning_uses_its_estimate_with_probability_p():
+    torch.manual_seed(0)
+    cfg = tiny_config().decoder
+    dec = unclip.Decoder(replace(cfg, unet=replace(cfg.unet, self_condition=True)), D)
+    for p in dec.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    B = 400
+    x_0 = torch.rand(B, 3, 8, 8) * 2 - 1
+    tokens, mask = dec.tokenize([""] * B, "cpu")
+    kw = {"z_i": torch.nn.functional.normalize(torch.randn(B, D), dim=-1), "tokens": tokens, "mask": mask}
+    t = torch.randint(0, dec.diffusion.num_timesteps, (B,))
+    used = dec.self_condition(x_0, t, torch.randn_like(x_0), kw, p=0.9).flatten(1).abs().sum(1) > 0
+    assert 0.85 < used.float().mean() < 0.95  # binomial(400, 0.9): sd 1.5 points
