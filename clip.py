@@ -144,6 +144,25 @@ def _byte_symbols():
     return table
 
 
+def _bpe_merge(parts, rank):
+    """Byte-pair merging of one word's symbols (Sennrich et al. 2016): join the adjacent pair with
+    the lowest rank in `rank` everywhere it occurs, and repeat until no adjacent pair is ranked."""
+    while len(parts) > 1:
+        best = min(zip(parts, parts[1:]), key=lambda p: rank.get(p, math.inf))
+        if best not in rank:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
 def _pretokenize(text):
     """Splits lower-cased text into words like OpenAI's regular expression (no `regex` package).
 
@@ -210,21 +229,7 @@ class BPETokenizer:
         """Merges the symbols of one word, lowest-ranked pair first, until no known pair is left."""
         if word in self.cache:
             return self.cache[word]
-        parts = [*word[:-1], word[-1] + "</w>"]  # the last symbol marks the end of the word
-        while len(parts) > 1:
-            pairs = set(zip(parts, parts[1:]))
-            best = min(pairs, key=lambda p: self.rank.get(p, math.inf))
-            if best not in self.rank:
-                break
-            merged, i = [], 0
-            while i < len(parts):
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
+        parts = _bpe_merge([*word[:-1], word[-1] + "</w>"], self.rank)  # </w>: the end of the word
         self.cache[word] = parts
         return parts
 

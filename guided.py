@@ -296,6 +296,26 @@ _WHITE_SPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\
                          + "".join(chr(c) for c in range(0x2000, 0x200B)))
 
 
+# Copied from clip._bpe_merge
+def _bpe_merge(parts, rank):
+    """Byte-pair merging of one word's symbols (Sennrich et al. 2016): join the adjacent pair with
+    the lowest rank in `rank` everywhere it occurs, and repeat until no adjacent pair is ranked."""
+    while len(parts) > 1:
+        best = min(zip(parts, parts[1:]), key=lambda p: rank.get(p, math.inf))
+        if best not in rank:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
 def _gpt2_pretokenize(text):
     """Splits text into words as GPT-2's pattern does, without the `regex` package:
 
@@ -370,20 +390,7 @@ class GPT2Tokenizer:
         """Merges the symbols of one word, lowest-ranked pair first, until no known pair is left."""
         if word in self.cache:
             return self.cache[word]
-        parts = list(word)
-        while len(parts) > 1:
-            best = min(zip(parts, parts[1:]), key=lambda p: self.rank.get(p, math.inf))
-            if best not in self.rank:
-                break
-            merged, i = [], 0
-            while i < len(parts):
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
+        parts = _bpe_merge(list(word), self.rank)
         self.cache[word] = parts
         return parts
 
