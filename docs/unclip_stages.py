@@ -7,6 +7,12 @@ Rows: the test images drawn at the decoder's side, passed through upsampler 1 an
 upsamplers do to perfect inputs); the decoder's own images from the prior's z_i (guidance 3), and
 the same after each upsampler. For the decoder's images, also how often each requested size and
 shape was judged as each shape.
+
+    python docs/unclip_stages.py runs/unclip --upsampler2 COPY1 COPY2 ...
+
+also passes both upsampler-1 outputs through the second upsampler of each COPY (a run whose
+upsampler 2 was retrained, e.g. with another degradation or seed), each from the same noise: a
+paired comparison of second upsamplers on the same inputs.
 """
 import argparse
 import sys
@@ -22,9 +28,12 @@ p = argparse.ArgumentParser()
 p.add_argument("run", help="an unclip run directory (or its ckpt_decoder.pt)")
 p.add_argument("--n", type=int, default=192, help="test captions")
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--upsampler2", nargs="+", default=[], metavar="RUN",
+               help="runs whose second upsampler also upsamples the same upsampler-1 outputs")
 a = p.parse_args()
-torch.manual_seed(a.seed)
 model, info = sample.load_model(a.run)
+others = [(f" of {r}", sample.load_model(r)[0].upsampler2) for r in a.upsampler2]
+torch.manual_seed(a.seed)
 S = model.cfg.decoder.unet.image_size
 ds = data.make_dataset("shapes", "test", model.cfg.image_size)
 ds.extra_sizes = (S,)  # the same shapes drawn at the decoder's side
@@ -38,11 +47,19 @@ def report(name, x):
           f"background {data.background_level(x):5.2f}", flush=True)
 
 
+def upsample2(x, others):
+    """x through this run's upsampler 2, then through each other run's, from the same noise."""
+    seed = torch.randint(2 ** 31, ()).item()
+    for name, up in [("", model.upsampler2)] + others:
+        torch.manual_seed(seed)
+        report(f"  -> upsampler 2{name}", up.sample(x))
+
+
 with torch.no_grad():
     report(f"test images at {S}", torch.stack([it[f"image_{S}"] for it in items]))
     x = model.upsampler1.sample(torch.stack([it[f"image_{S}"] for it in items]))
     report("  -> upsampler 1", x)
-    report("  -> upsampler 2", model.upsampler2.sample(x))
+    upsample2(x, others)
     z_i = model.sample_prior(captions)
     x = model.decode(z_i, captions, upsample=False)
     report(f"decoder at {S} (prior z_i)", x)
@@ -50,6 +67,6 @@ with torch.no_grad():
                       (j or {}).get("shape")) for c, j in zip(captions, data.judge_shapes(x)))
     x = model.upsampler1.sample(x)
     report("  -> upsampler 1", x)
-    report("  -> upsampler 2", model.upsampler2.sample(x))
+    upsample2(x, others)
 print("decoder's images, requested -> judged:", ", ".join(f"{want} -> {got}: {k}"
                                                          for (want, got), k in sorted(judged.items(), key=str)))
