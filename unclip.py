@@ -193,9 +193,9 @@ def _tiny():
 
     Deviation from the paper: both upsamplers train with the Gaussian blur; the paper gives the
     last stage the BSR degradation. On these shapes BSR teaches the 64 -> 128 stage to round the
-    corners of squares: on the same inputs, the test images through both upsamplers keep their
-    shape 98.4% of the time with blur (three training seeds) against 95.3-96.9% with BSR, and the
-    decoder's images 75.5-79.7% against 75.5-77.1% (docs/results.md)."""
+    corners of squares: on the same inputs and noise, the test images through both upsamplers keep
+    their shape 97.4-97.9% of the time with blur (three training seeds) against 95.3-96.9% with
+    BSR, and the decoder's images 72.4-75.0% against 70.8-72.4% (docs/results.md)."""
     return UnCLIPConfig(
         image_size=128,
         clip=clip.PRESETS["tiny"],
