@@ -55,6 +55,8 @@ Deviations from the paper, said openly
   and draws one set of parameters per batch; ADM's middle-block attention is removed (the paper:
   "neither upsampler uses attention"); they predict eps with a fixed variance (sampled with DDIM,
   so a learned variance would be unused).
+- The tiny preset's second upsampler trains with the first stage's blur instead of BSR, which
+  taught it to round the corners of the shapes' squares (measured in `_tiny`'s docstring).
 - The tiny preset's decoder and upsamplers predict v (Salimans & Ho 2022) instead of eps. After
   the few hundred to few thousand steps a CPU allows, an eps model has not learnt the noise's
   per-image mean (its error there equals the mean's own spread), and 1 / sqrt(alpha_bar) amplifies
