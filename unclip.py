@@ -562,8 +562,7 @@ class Decoder(nn.Module):
         B, D = z_i.shape
         z = z_i.to(x_t.dtype) * math.sqrt(D)  # unit variance per coordinate
         ctx = self.to_tokens(z).view(B, self.cfg.context_tokens, self.width)  # (B, 4, W)
-        kw = {"x_self": x_self} if self.cfg.unet.self_condition else {}
-        return self.unet(x_t, t, cond=z, context=ctx, tokens=tokens, mask=mask, **kw)
+        return self.unet(x_t, t, cond=z, context=ctx, tokens=tokens, mask=mask, x_self=x_self)
 
     @torch.compiler.disable  # host-side string work: torch.compile would specialise on every caption
     def tokenize(self, captions, device):
@@ -599,9 +598,8 @@ class Decoder(nn.Module):
         if use.any():
             x_t = self.diffusion.q_sample(x_0[use], t[use], noise[use])
             sub = {k: None if v is None else v[use] for k, v in kw.items()}
-            out = self(x_t, self.diffusion.timestep_map.to(t.device)[t[use]], **sub).float()
-            x_self[use] = self.diffusion.model_output_to_mean_variance(
-                out, x_t.float(), t[use], clip_denoised=True)["pred_x_0"].to(x_0.dtype)
+            x_self[use] = self.diffusion.p_mean_variance(self, x_t, t[use], clip_denoised=True,
+                                                         model_kwargs=sub)["pred_x_0"].to(x_0.dtype)
         return x_self
 
     @torch.compiler.disable  # host-side string work, as `tokenize`

@@ -56,8 +56,9 @@ def upsample2(x, others):
 
 
 with torch.no_grad():
-    report(f"test images at {S}", torch.stack([it[f"image_{S}"] for it in items]))
-    x = model.upsampler1.sample(torch.stack([it[f"image_{S}"] for it in items]))
+    x = torch.stack([it[f"image_{S}"] for it in items])
+    report(f"test images at {S}", x)
+    x = model.upsampler1.sample(x)
     report("  -> upsampler 1", x)
     upsample2(x, others)
     z_i = model.sample_prior(captions)
