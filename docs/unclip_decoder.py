@@ -26,10 +26,19 @@ p.add_argument("--draws", type=int, default=2, help="draws of noise per setting"
 p.add_argument("--guidance", type=float, nargs="+", default=[3.0], help="guidance scales")
 p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the decoder's)")
 p.add_argument("--seed", type=int, default=0)
-p.add_argument("--no-ema", action="store_true", help="the decoders' live weights, not their EMA")
+p.add_argument("--no-ema", action="store_true",
+               help="the decoders' live weights, not their EMA (CLIP and the prior keep theirs)")
 a = p.parse_args()
 
-models = [sample.load_model(r, ema=not a.no_ema)[0].eval() for r in a.runs]
+
+def load(run):
+    model = sample.load_model(run)[0]
+    if a.no_ema:  # only the decoder's weights change: the prior's z_i stay those of its EMA
+        model.decoder.load_state_dict(sample.load_model(run, ema=False)[0].decoder.state_dict())
+    return model.eval()
+
+
+models = [load(r) for r in a.runs]
 ds = data.make_dataset("shapes", "test", models[0].cfg.image_size)
 captions = [ds[i]["caption"] for i in range(a.n)]
 squares = [data.parse_caption(c)["shape"] == "square" for c in captions]
