@@ -111,7 +111,7 @@ MODELS = {
                    "upsample": dict(steps=300, batch_size=16, lr=1e-3)}, "GLIDE_PRESETS"),
     "unclip": Spec("unclip", "UnCLIP", "unCLIP / DALL-E 2: CLIP, prior, decoder, upsamplers "
                    "(Ramesh et al. 2022); --prior diffusion|ar",
-                   {"clip": dict(steps=1200, batch_size=128, lr=1e-3),
+                   {"clip": dict(steps=1000, batch_size=128, lr=1e-3),
                     "prior": dict(steps=400, batch_size=32, lr=1e-3),
                     "decoder": dict(steps=4200, batch_size=16, lr=2e-3, lr_schedule="cosine"),
                     "upsampler1": dict(steps=1200, batch_size=32, lr=1e-3),
@@ -768,6 +768,134 @@ class TrainingStopped(Exception):
         self.code = code
 
 
+# --- phases side by side (CPU) ---
+
+def thread_shares(model, device, d):
+    """{phase: threads} for the phases of `model.parallel_phases`, or {} where they train one after
+    the other (CUDA, several processes, one thread).
+
+    `parallel_phases` maps a phase to later phases that read nothing of it or of the phases between
+    (unCLIP: its upsamplers see only images). On a CPU those train in a second process while the
+    first trains, each with half of the threads: on 2 cores two one-thread processes get through
+    more work than one two-thread process, whose small convolutions and matmuls keep both threads
+    busy only part of the time. The share is a property of the phase, so a phase trained alone
+    (`--phase`, `--resume`) computes what it computes beside the other."""
+    side = getattr(model, "parallel_phases", {})
+    n = torch.get_num_threads()
+    if not side or device.type != "cpu" or d.on or n < 2:
+        return {}
+    return {**{p: n - n // 2 for p in side}, **{p: n // 2 for ps in side.values() for p in ps}}
+
+
+def phase_seed(hp, rank, i):
+    """The seed of the i-th phase's training noise: its own, whatever trained before it."""
+    return hp["seed"] * 1000 + rank + 17 * i
+
+
+def build_model(name, config, seed, device, args):
+    """The model of a run, initialised from `seed` (the same weights in every process)."""
+    torch.manual_seed(seed)
+    try:
+        model = model_class(name)(config)
+    except Exception as e:  # the config came from the user's flags: any failure is theirs to fix
+        raise UsageError(f"invalid {name} config: {e}")
+    model.to(device)
+    if args.channels_last:  # 4-d weights only: each convolution then computes and returns
+        model.to(memory_format=torch.channels_last)  # channels_last; the data and noise stay NCHW
+    return model
+
+
+class Beside:
+    """A second process that trains `phases` of the run while this one trains another phase.
+
+    It writes only its phases' checkpoints and log lines; this process holds the run's lock. Ctrl-C
+    reaches this process, which stops the other with SIGTERM: it saves its checkpoint as Ctrl-C
+    would and reports back. It stops by itself when this process dies."""
+
+    def __init__(self, phases, name, run, config, hparams, args, threads):
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")  # a fork would copy this process's thread pools
+        self.phases, self.running = tuple(phases), True
+        self.reply, end = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=train_beside, daemon=True, args=(
+            self.phases, name, str(run), config, hparams, args, threads, os.getpid(), end))
+        self.process.start()
+        end.close()
+        log(f"[{name}] {' and '.join(self.phases)}: in a second process ({self.process.pid}), "
+            f"{threads} thread(s) each")
+
+    def result(self):
+        """Wait for it; returns (exit code, its one-line message)."""
+        try:
+            code, msg = self.reply.recv()
+        except EOFError:  # it died without a word (kill -9, out of memory)
+            self.process.join()
+            code = self.process.exitcode or 1
+            msg = (f"error: the process training {', '.join(self.phases)} ended (exit code {code}); "
+                   "the checkpoints it wrote are kept: continue with --resume")
+        self.process.join()
+        self.running = False
+        return code, msg
+
+    def wait(self):
+        code, msg = self.result()
+        if code:
+            raise TrainingStopped(msg, code)
+
+    def stop(self):
+        """Ask it to stop (it saves its checkpoint first); returns its message."""
+        self.process.terminate()
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C would leave it
+        try:  # writing into the run without this process's lock
+            return self.result()[1]
+        finally:
+            signal.signal(signal.SIGINT, handler)
+
+
+def train_beside(phases, name, run, config, hparams, args, threads, parent, reply):
+    """What the process of `Beside` runs: sends back (exit code, one-line message)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the first process's to handle
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+    def watch():  # the first process gone (kill -9): save and stop, as on Ctrl-C
+        while os.getppid() == parent:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    import threading
+    threading.Thread(target=watch, daemon=True).start()
+    torch.set_num_threads(threads)
+    code, msg = 0, ""
+    try:
+        device, first = torch.device("cpu"), next(iter(hparams.values()))
+        datasets = {"train": make_dataset(first["data"], "train", getattr(config, "image_size", 32))}
+        model = build_model(name, config, first["seed"], device, args)
+        for phase in phases:
+            torch.manual_seed(phase_seed(hparams[phase], 0, phases_of(model).index(phase)))
+            train_phase(model, name, phase, Path(run), config, hparams[phase], datasets, device,
+                        Dist(), args)
+    except TrainingStopped as e:
+        code, msg = e.code, str(e)
+    except KeyboardInterrupt:
+        code, msg = 130, f"interrupted before training {', '.join(phases)}"
+    except (UsageError, ValueError) as e:
+        code, msg = 2, f"error: {e}"
+    except OSError as e:
+        code, msg = 1, f"error: {one_line(e)}"
+    except BaseException as e:  # a bug: its traceback, then the line
+        import traceback
+        traceback.print_exc()
+        code, msg = 1, f"error: training {', '.join(phases)} failed: {one_line(e)}"
+    try:
+        reply.send((code, msg))
+    except OSError:  # the first process is gone
+        pass
+
+
 # --- runs ---
 
 def load_phase_weights(model, run, phase, ema=True, device="cpu"):
@@ -883,7 +1011,7 @@ def read_run_info(path, name):
 def run_training(args, overrides):
     name = args.model
     d, device = setup_dist(args.device)
-    lock = info = None
+    lock = info = beside = None
     try:
         if args.precision == "fp16" and device.type != "cuda":
             raise UsageError("--precision fp16 needs CUDA; on a CPU use bf16 or fp32")
@@ -901,14 +1029,7 @@ def run_training(args, overrides):
                 raise UsageError(f"{name} is class-conditional but --data {data_spec} has no "
                                  "labels; pass --num-classes 0")
             config = dataclasses.replace(config, num_classes=n_cls)
-        torch.manual_seed(next(iter(hparams.values()))["seed"])  # the same init on every rank
-        try:
-            model = model_class(name)(config)
-        except Exception as e:  # the config came from the user's flags: any failure is theirs to fix
-            raise UsageError(f"invalid {name} config: {e}")
-        model.to(device)
-        if args.channels_last:  # 4-d weights only: each convolution then computes and returns
-            model.to(memory_format=torch.channels_last)  # channels_last; the data and noise stay NCHW
+        model = build_model(name, config, next(iter(hparams.values()))["seed"], device, args)
         phases = phases_of(model)
         if args.phase:  # the phases before it must be done: check before anything is written
             for ph in phases[:phases.index(args.phase)]:
@@ -927,14 +1048,21 @@ def run_training(args, overrides):
                 error = str(e)
         agree(d, error)  # every rank stops when rank 0 cannot have the directory (also a barrier)
         todo = [args.phase] if args.phase else list(phases)
+        threads, shares = torch.get_num_threads(), thread_shares(model, device, d)
         for i, phase in enumerate(phases):
-            if phase not in todo:
-                if phases.index(phase) < phases.index(todo[0]):
+            if phase not in todo or (beside and phase in beside.phases):
+                if phases.index(phase) < phases.index(todo[0]) or beside and phase in beside.phases:
                     load_phase_weights(model, run, phase, device=device)
                 continue
-            hp = hparams[phase]
-            torch.manual_seed(hp["seed"] * 1000 + d.rank + 17 * i)
-            train_phase(model, name, phase, run, config, hp, datasets, device, d, args)
+            side = getattr(model, "parallel_phases", {}).get(phase, ()) if shares else ()
+            if side and not args.phase:
+                beside = Beside(side, name, run, config, hparams, args, shares[side[0]])
+            torch.set_num_threads(shares.get(phase, threads))
+            torch.manual_seed(phase_seed(hparams[phase], d.rank, i))
+            train_phase(model, name, phase, run, config, hparams[phase], datasets, device, d, args)
+            torch.set_num_threads(threads)
+            if beside and beside.running:
+                beside.wait()  # its phases are then loaded where the loop reaches them
         finished = all((run / ckpt_name(model, ph)).exists() for ph in phases)
         spec = MODELS[name]
         n = spec.sample_n if args.sample_n is None else args.sample_n
@@ -950,9 +1078,23 @@ def run_training(args, overrides):
                                       f"the checkpoints are complete: sample with python sample.py {run}", 1)
         return 0
     except UsageError:
+        if beside and beside.running:
+            beside.stop()
         if info is not None and lock is not None and not any(run.glob("ckpt*.pt")):
             (run / "run.json").unlink(missing_ok=True)  # a new run that never saved a step (its
         raise  # config did not fit the data): the same --out can be used again
+    except BaseException as e:  # stopped (Ctrl-C, a full disk, a bug): the process beside it saves
+        if not (beside and beside.running):  # its checkpoint and stops too, before the lock goes
+            raise
+        said = beside.stop()
+        if isinstance(e, (TrainingStopped, KeyboardInterrupt)):  # one line: both, then what to do
+            first = str(e) if isinstance(e, TrainingStopped) else "interrupted (Ctrl-C)"
+            first, then = (first.split("; continue with", 1) + [""])[:2]
+            said, then2 = (said.split("; continue with", 1) + [""])[:2]
+            then = then or then2
+            raise TrainingStopped(f"{first} (beside it, {said})" + (f"; continue with{then}" if then else ""),
+                                  getattr(e, "code", 130)) from None
+        raise
     finally:
         if lock is not None:
             lock.close()  # releases the run directory

@@ -739,6 +739,9 @@ class UnCLIP(nn.Module):
     """
 
     phases = ("clip", "prior", "decoder", "upsampler1", "upsampler2")
+    # the upsamplers see only images (section 2.1), so they need none of the phases before them:
+    # on a CPU, train.py trains them in a second process while CLIP trains (train.thread_shares)
+    parallel_phases = {"clip": ("upsampler1", "upsampler2")}
 
     def __init__(self, cfg):
         super().__init__()

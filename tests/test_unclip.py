@@ -3,6 +3,7 @@ identities, the decoder and upsamplers, the paper presets' counts, and the CLI e
 import dataclasses
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import train
 import unclip
 from conftest import overfit_losses
 
+ROOT = Path(__file__).resolve().parent.parent
 D, V = 16, 258
 DP = unclip.DiffusionPriorConfig(width=32, layers=2, heads=2, text_ctx=12, timesteps=100, sample_steps=4,
                                  embed_std=1.0)
@@ -318,22 +320,26 @@ def test_paper_presets_counts_on_meta():
 
 # --- train.py and sample.py ---
 
+# the CLI's flags for tiny_config() on 16 images, 2 steps per phase
+TINY = ["--steps", "2", "--batch-size", "4", "--data", "shapes:16", "--log-every", "1", "--sample-n", "2",
+        "--clip.vision-width", "32", "--clip.vision-layers", "1", "--clip.embed-dim", str(D),
+        "--clip.text-width", "32", "--clip.text-layers", "1", "--clip.text-heads", "2",
+        "--clip.vision-heads", "2", "--diffusion-prior.width", "32", "--diffusion-prior.layers", "1",
+        "--diffusion-prior.heads", "2", "--diffusion-prior.sample-steps", "2",
+        "--decoder.unet.model-channels", "16", "--decoder.unet.norm-groups", "8",
+        "--decoder.unet.cond-dim", str(D), "--decoder.unet.xf-width", "16", "--decoder.sample-steps", "2",
+        "--upsampler1.unet.model-channels", "8", "--upsampler1.unet.norm-groups", "8",
+        "--upsampler1.sample-steps", "1", "--upsampler2.unet.model-channels", "8",
+        "--upsampler2.unet.norm-groups", "8", "--upsampler2.sample-steps", "1"]
+
+
 def test_cli_trains_every_part_and_samples(tmp_path, capsys, monkeypatch):
     run = tmp_path / "u"
     keys = {}  # the batch keys each phase trains on: the decoder's native rendering, and only there
     loss = unclip.UnCLIP.loss
     monkeypatch.setattr(unclip.UnCLIP, "loss", lambda self, b, ph: keys.setdefault(ph, set(b)) and loss(self, b, ph))
-    flags = ["--steps", "2", "--batch-size", "4", "--data", "shapes:16", "--log-every", "1",
-             "--sample-n", "2",
-             "--clip.vision-width", "32", "--clip.vision-layers", "1", "--clip.embed-dim", str(D),
-             "--clip.text-width", "32", "--clip.text-layers", "1", "--clip.text-heads", "2",
-             "--clip.vision-heads", "2", "--diffusion-prior.width", "32", "--diffusion-prior.layers", "1",
-             "--diffusion-prior.heads", "2", "--diffusion-prior.sample-steps", "2",
-             "--decoder.unet.model-channels", "16", "--decoder.unet.norm-groups", "8",
-             "--decoder.unet.cond-dim", str(D), "--decoder.unet.xf-width", "16", "--decoder.sample-steps", "2",
-             "--upsampler1.unet.model-channels", "8", "--upsampler1.unet.norm-groups", "8",
-             "--upsampler1.sample-steps", "1", "--upsampler2.unet.model-channels", "8",
-             "--upsampler2.unet.norm-groups", "8", "--upsampler2.sample-steps", "1", "--out", str(run)]
+    monkeypatch.setattr(train, "thread_shares", lambda *a: {})  # every phase in this process
+    flags = [*TINY, "--out", str(run)]
     assert train.main(["unclip", "--part", "clip", *flags]) == 0
     assert sample.main([str(run), "--prompt", "a red circle"]) == 2  # not finished yet
     assert "has not finished phase prior" in capsys.readouterr().err
@@ -359,6 +365,83 @@ def test_cli_trains_every_part_and_samples(tmp_path, capsys, monkeypatch):
     # --prior ar is a config field
     assert train.main(["unclip", "--part", "clip", "--prior", "ar", *flags[:-2], "--out", str(tmp_path / "ar")]) == 0
     assert json_config(tmp_path / "ar")["prior"] == "ar"
+
+
+def test_upsamplers_train_beside_clip_as_they_train_alone(tmp_path, capfd, monkeypatch):
+    # on a 2-thread CPU the upsamplers train in a second process while CLIP trains, each with one
+    # thread; a phase always trains with its share, so phase by phase gives the same weights
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # what train.py reads, on any machine
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    assert train.main(["unclip", *TINY, "--sample-n", "0", "--out", str(both)]) == 0
+    out = capfd.readouterr().out
+    assert "upsampler1 and upsampler2: in a second process" in out
+    assert out.index("[unclip/upsampler1] step 2/2") < out.index("[unclip/prior] training")
+    assert train.main(["unclip", *TINY, "--sample-n", "0", "--out", str(alone), "--phase", "clip"]) == 0
+    for phase in unclip.UnCLIP.phases[1:]:
+        assert train.main(["unclip", "--out", str(alone), "--phase", phase, "--steps", "2",
+                           "--batch-size", "4", "--sample-n", "0"]) == 0
+    assert "second process" not in capfd.readouterr().out
+    for phase in unclip.UnCLIP.phases:
+        a, b = (torch.load(r / f"ckpt_{phase}.pt", weights_only=True)["ema"] for r in (both, alone))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), phase
+
+
+def _start_beside(run):
+    """train.py unclip (tiny, long) in a subprocess on 2 threads, returned once CLIP and the
+    upsampler beside it have both logged a step; also the second process's pid."""
+    import os, re, signal, subprocess, sys
+    p = subprocess.Popen([sys.executable, "train.py", "unclip", *TINY, "--steps", "5000", "--out", str(run)],
+                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"}, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen, pid = set(), None
+    for line in p.stdout:
+        m = re.search(r"in a second process \((\d+)\)", line)
+        pid = int(m.group(1)) if m else pid
+        seen |= {ph for ph in ("clip", "upsampler1") if line.startswith(f"[unclip/{ph}] step")}
+        if len(seen) == 2:
+            return p, pid
+    raise AssertionError(p.communicate())
+
+
+def _gone(pid, timeout=60):
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]:
+                return True  # a zombie: it has exited
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_ctrl_c_stops_both_processes_and_resume_finishes(tmp_path):
+    import signal
+    run = tmp_path / "u"
+    p, pid = _start_beside(run)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert p.returncode == 130 and len(lines) == 1, err
+    assert lines[0].count("interrupted at step") == 2 and "beside it" in lines[0], err
+    assert _gone(pid)
+    steps = {ph: torch.load(run / f"ckpt_{ph}.pt", weights_only=True)["step"] for ph in ("clip", "upsampler1")}
+    assert all(0 < s < 5000 for s in steps.values()), steps
+    assert train.main(["unclip", "--out", str(run), "--resume", "--steps", "2", "--sample-n", "0"]) == 0
+    assert all((run / f"ckpt_{ph}.pt").exists() for ph in unclip.UnCLIP.phases)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_the_second_process_saves_and_stops_when_the_first_is_killed(tmp_path):
+    run = tmp_path / "u"
+    p, pid = _start_beside(run)
+    p.kill()
+    p.communicate(timeout=120)  # until the second process, which shares the pipes, has ended
+    assert _gone(pid)
+    assert 0 < torch.load(run / "ckpt_upsampler1.pt", weights_only=True)["step"] < 5000
 
 
 def json_config(run):
