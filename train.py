@@ -16,6 +16,9 @@ Faults end in one line and a non-zero exit, losing nothing (tests/test_faults.py
 are checked where they are parsed; checkpoints are written whole (fsync, then a rename), carry a
 SHA-256 of their tensors, and are read by one function (`load_checkpoint`, also sample.py's); a
 running train.py holds RUN/.lock; Ctrl-C anywhere exits 130.
+
+On a CPU, phases that need nothing of each other (a model's `parallel_phases`: unCLIP's upsamplers
+beside its CLIP) train at once in two processes, each with half of the threads (`Beside`).
 """
 import argparse
 import copy
@@ -111,11 +114,11 @@ MODELS = {
                    "upsample": dict(steps=300, batch_size=16, lr=1e-3)}, "GLIDE_PRESETS"),
     "unclip": Spec("unclip", "UnCLIP", "unCLIP / DALL-E 2: CLIP, prior, decoder, upsamplers "
                    "(Ramesh et al. 2022); --prior diffusion|ar",
-                   {"clip": dict(steps=1000, batch_size=128, lr=1e-3),
+                   {"clip": dict(steps=1200, batch_size=128, lr=1e-3),
                     "prior": dict(steps=400, batch_size=32, lr=1e-3),
-                    "decoder": dict(steps=4200, batch_size=16, lr=2e-3, lr_schedule="cosine"),
+                    "decoder": dict(steps=4600, batch_size=16, lr=2e-3, lr_schedule="cosine"),
                     "upsampler1": dict(steps=1200, batch_size=32, lr=1e-3),
-                    "upsampler2": dict(steps=900, batch_size=32, lr=1e-3)}, sample_n=25, prompted=True),
+                    "upsampler2": dict(steps=1050, batch_size=32, lr=1e-3)}, sample_n=25, prompted=True),
 }
 
 
@@ -816,6 +819,7 @@ class Beside:
         import multiprocessing
         ctx = multiprocessing.get_context("spawn")  # a fork would copy this process's thread pools
         self.phases, self.running = tuple(phases), True
+        self.resume = f"python train.py {name} --out {run} --resume"
         self.reply, end = ctx.Pipe(duplex=False)
         self.process = ctx.Process(target=train_beside, daemon=True, args=(
             self.phases, name, str(run), config, hparams, args, threads, os.getpid(), end))
@@ -830,9 +834,10 @@ class Beside:
             code, msg = self.reply.recv()
         except EOFError:  # it died without a word (kill -9, out of memory)
             self.process.join()
-            code = self.process.exitcode or 1
-            msg = (f"error: the process training {', '.join(self.phases)} ended (exit code {code}); "
-                   "the checkpoints it wrote are kept: continue with --resume")
+            code = 1
+            msg = (f"error: the process training {', '.join(self.phases)} ended (exit code "
+                   f"{self.process.exitcode}); "
+                   f"the checkpoints it wrote are kept; continue with: {self.resume}")
         self.process.join()
         self.running = False
         return code, msg
@@ -1059,8 +1064,10 @@ def run_training(args, overrides):
                 beside = Beside(side, name, run, config, hparams, args, shares[side[0]])
             torch.set_num_threads(shares.get(phase, threads))
             torch.manual_seed(phase_seed(hparams[phase], d.rank, i))
-            train_phase(model, name, phase, run, config, hparams[phase], datasets, device, d, args)
-            torch.set_num_threads(threads)
+            try:
+                train_phase(model, name, phase, run, config, hparams[phase], datasets, device, d, args)
+            finally:
+                torch.set_num_threads(threads)
             if beside and beside.running:
                 beside.wait()  # its phases are then loaded where the loop reaches them
         finished = all((run / ckpt_name(model, ph)).exists() for ph in phases)

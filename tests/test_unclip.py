@@ -386,11 +386,11 @@ def test_upsamplers_train_beside_clip_as_they_train_alone(tmp_path, capfd, monke
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), phase
 
 
-def _start_beside(run):
+def _start_beside(run, steps=5000):
     """train.py unclip (tiny, long) in a subprocess on 2 threads, returned once CLIP and the
     upsampler beside it have both logged a step; also the second process's pid."""
     import os, re, signal, subprocess, sys
-    p = subprocess.Popen([sys.executable, "train.py", "unclip", *TINY, "--steps", "5000", "--out", str(run)],
+    p = subprocess.Popen([sys.executable, "train.py", "unclip", *TINY, "--steps", str(steps), "--out", str(run)],
                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"}, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -442,6 +442,20 @@ def test_the_second_process_saves_and_stops_when_the_first_is_killed(tmp_path):
     p.communicate(timeout=120)  # until the second process, which shares the pipes, has ended
     assert _gone(pid)
     assert 0 < torch.load(run / "ckpt_upsampler1.pt", weights_only=True)["step"] < 5000
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_the_first_process_says_when_the_second_dies(tmp_path):
+    import os, signal
+    run = tmp_path / "u"
+    p, pid = _start_beside(run, steps=1500)
+    os.kill(pid, signal.SIGKILL)
+    out, err = p.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1, err
+    assert "upsampler1, upsampler2 ended (exit code -9)" in lines[0] and "--resume" in lines[0], err
+    assert torch.load(run / "ckpt_clip.pt", weights_only=True)["step"] == 1500  # CLIP finished
+    assert not (run / "ckpt_prior.pt").exists()
 
 
 def json_config(run):
