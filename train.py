@@ -821,7 +821,8 @@ class Beside:
         self.phases, self.running = tuple(phases), True
         self.resume = f"python train.py {name} --out {run} --resume"
         self.reply, end = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=train_beside, daemon=True, args=(
+        # not a daemon process: it may start data loader workers of its own (--workers)
+        self.process = ctx.Process(target=train_beside, args=(
             self.phases, name, str(run), config, hparams, args, threads, os.getpid(), end))
         self.process.start()
         end.close()
