@@ -1056,11 +1056,12 @@ def run_training(args, overrides):
         todo = [args.phase] if args.phase else list(phases)
         threads, shares = torch.get_num_threads(), thread_shares(model, device, d)
         for i, phase in enumerate(phases):
-            if phase not in todo or (beside and phase in beside.phases):
-                if phases.index(phase) < phases.index(todo[0]) or beside and phase in beside.phases:
+            trained_beside = beside is not None and phase in beside.phases
+            if phase not in todo or trained_beside:
+                if trained_beside or phases.index(phase) < phases.index(todo[0]):
                     load_phase_weights(model, run, phase, device=device)
                 continue
-            side = getattr(model, "parallel_phases", {}).get(phase, ()) if shares else ()
+            side = model.parallel_phases.get(phase, ()) if shares else ()  # shares: it has them
             if side and not args.phase:
                 beside = Beside(side, name, run, config, hparams, args, shares[side[0]])
             torch.set_num_threads(shares.get(phase, threads))

@@ -6,7 +6,7 @@
 The variants take turns, 10 steps each per round, in one process on one fixed batch of the shapes
 data, so a host whose speed drifts (a shared VM) moves every variant alike. Prints each round's
 milliseconds a step and the median of all rounds but the first (warm-up). Threads: torch's default
-(OMP_NUM_THREADS). The step is train.py's: the phase's loss, backward, AdamW.
+(OMP_NUM_THREADS). The step is the phase's loss, backward and train.adamw's AdamW.
 """
 import argparse
 import copy
@@ -27,7 +27,7 @@ def main():
     p.add_argument("--rounds", type=int, default=6)
     args = p.parse_args()
     config = train.presets("unclip")["tiny"]
-    hp = train.MODELS["unclip"].phases[args.phase]
+    hp = {**train.TRAIN_DEFAULTS, **train.MODELS["unclip"].phases[args.phase]}
     torch.manual_seed(0)
     model = train.model_class("unclip")(config)
     data = make_dataset("shapes", "train", config.image_size)
@@ -37,8 +37,8 @@ def main():
     variants = {"fp32": (model, False),
                 "channels-last": (copy.deepcopy(model).to(memory_format=torch.channels_last), False),
                 "bf16": (copy.deepcopy(model), True)}
-    opts = {k: torch.optim.AdamW(m.phase_module(args.phase).parameters(), hp["lr"])
-            for k, (m, _) in variants.items()}
+    opts = {k: train.adamw(list(m.phase_module(args.phase).parameters()), hp["lr"], hp["weight_decay"],
+                           torch.device("cpu")) for k, (m, _) in variants.items()}
     ms = {k: [] for k in variants}
     for r in range(args.rounds):
         for k, (m, bf16) in variants.items():
@@ -46,8 +46,7 @@ def main():
             for _ in range(10):
                 torch.manual_seed(r)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    out = m.loss(batch, args.phase)
-                loss = out["loss"] if isinstance(out, dict) else out
+                    loss = m.loss(batch, args.phase)["loss"]
                 opts[k].zero_grad(set_to_none=True)
                 loss.backward()
                 opts[k].step()

@@ -12,12 +12,14 @@ on the same inputs.
 """
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, ".")
 import data  # noqa: E402
 import sample  # noqa: E402
+import train  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("runs", nargs="+", help="unclip run directories (or their ckpt_decoder.pt)")
@@ -34,7 +36,9 @@ a = p.parse_args()
 def load(run):
     model = sample.load_model(run)[0]
     if a.no_ema:  # only the decoder's weights change: the prior's z_i stay those of its EMA
-        model.decoder.load_state_dict(sample.load_model(run, ema=False)[0].decoder.state_dict())
+        path = Path(run) if Path(run).is_file() else Path(run) / "ckpt_decoder.pt"
+        ck = train.load_checkpoint(path, need=("model", "config", "state_dict"))
+        train.load_weights(model.decoder, ck["state_dict"], path, "state_dict")
     return model.eval()
 
 
