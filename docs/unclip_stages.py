@@ -13,6 +13,11 @@ shape was judged as each shape.
 also passes both upsampler-1 outputs through the second upsampler of each COPY (a run whose
 upsampler 2 was retrained, e.g. with another degradation or seed), each from the same noise: a
 paired comparison of second upsamplers on the same inputs.
+
+    python docs/unclip_stages.py runs/unclip --n 600 --steps2 1 3 5 10
+
+also passes both upsampler-1 outputs through this run's second upsampler with each number of DDIM
+steps, each from the same noise (the first row after upsampler 1 uses the run's default).
 """
 import argparse
 import sys
@@ -30,6 +35,8 @@ p.add_argument("--n", type=int, default=192, help="test captions")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--upsampler2", nargs="+", default=[], metavar="RUN",
                help="runs whose second upsampler also upsamples the same upsampler-1 outputs")
+p.add_argument("--steps2", nargs="+", type=int, default=[], metavar="K",
+               help="also upsample the same upsampler-1 outputs with K DDIM steps of upsampler 2")
 a = p.parse_args()
 model, info = sample.load_model(a.run)
 others = [(f" of {r}", sample.load_model(r)[0].upsampler2) for r in a.upsampler2]
@@ -53,6 +60,9 @@ def upsample2(x, others):
     for name, up in [("", model.upsampler2)] + others:
         torch.manual_seed(seed)
         report(f"  -> upsampler 2{name}", up.sample(x))
+    for k in a.steps2:
+        torch.manual_seed(seed)
+        report(f"  -> upsampler 2, {k} DDIM steps", model.upsampler2.sample(x, k))
 
 
 with torch.no_grad():
