@@ -199,15 +199,11 @@ def _tiny():
     their shape 97.4-97.9% of the time with blur (three training seeds) against 95.3-96.9% with
     BSR, and the decoder's images 72.4-75.0% against 70.8-72.4% (docs/results.md).
 
-    The second upsampler samples with 3 DDIM steps (the paper: 15 at 1024). On the same inputs, the
-    decoder's images keep their shape 84.0 and 83.5% of the time with 3 steps (two draws of noise,
-    600 test captions), 81.8 and 80.7% with 5, 79.2% with 10, and the background is half as light
-    (0.93 against 1.97); the test images keep 98.7% with 3 or 5. Sampled anew, the main job's run
-    gives 84.0 and 82.3% on 200 and 600 captions with 3 steps, 82.5 and 81.7% with 5, and 86.5
-    against 87.0% on the 192 of docs/unclip_stages.py: a gain of up to 2.8 points, one image lost
-    on the smallest measure (docs/results.md). With few steps
-    DDIM stays near the network's estimate of the mean, which on these flat shapes is the sharp
-    image; more steps add detail that rounds the corners of squares."""
+    The second upsampler samples with 3 DDIM steps (the paper: 15 at 1024). With few steps DDIM
+    stays near the network's estimate of the mean, which for a flat square keeps its corners; more
+    steps round them. On the same inputs and noise the decoder's images keep their shape 84.0% of
+    the time with 3 steps against 81.8% with 5 (600 test captions), the background is half as
+    light, and the test images keep 98.7% either way (docs/results.md has every measure)."""
     return UnCLIPConfig(
         image_size=128,
         clip=clip.PRESETS["tiny"],
