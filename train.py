@@ -116,7 +116,7 @@ MODELS = {
                    "(Ramesh et al. 2022); --prior diffusion|ar",
                    {"clip": dict(steps=1200, batch_size=128, lr=1e-3),
                     "prior": dict(steps=400, batch_size=32, lr=1e-3),
-                    "decoder": dict(steps=4600, batch_size=16, lr=2e-3, lr_schedule="cosine"),
+                    "decoder": dict(steps=5400, batch_size=12, lr=2e-3, lr_schedule="cosine"),
                     "upsampler1": dict(steps=1200, batch_size=32, lr=1e-3),
                     "upsampler2": dict(steps=1050, batch_size=32, lr=1e-3)}, sample_n=25, prompted=True),
 }
