@@ -17,7 +17,7 @@ paired comparison of second upsamplers on the same inputs.
     python docs/unclip_stages.py runs/unclip --n 600 --steps2 1 3 5 10
 
 also passes both upsampler-1 outputs through this run's second upsampler with each number of DDIM
-steps, each from the same noise (the first row after upsampler 1 uses the run's default).
+steps, each from the same noise (the first upsampler-2 row uses the run's own number).
 """
 import argparse
 import sys
@@ -55,14 +55,14 @@ def report(name, x):
 
 
 def upsample2(x, others):
-    """x through this run's upsampler 2, then through each other run's, from the same noise."""
+    """x through this run's upsampler 2, each other run's, and this run's with each of --steps2,
+    all from the same noise."""
     seed = torch.randint(2 ** 31, ()).item()
-    for name, up in [("", model.upsampler2)] + others:
+    rows = [("", model.upsampler2, None)] + [(name, up, None) for name, up in others]
+    rows += [(f", {k} DDIM steps", model.upsampler2, k) for k in a.steps2]
+    for name, up, steps in rows:
         torch.manual_seed(seed)
-        report(f"  -> upsampler 2{name}", up.sample(x))
-    for k in a.steps2:
-        torch.manual_seed(seed)
-        report(f"  -> upsampler 2, {k} DDIM steps", model.upsampler2.sample(x, k))
+        report(f"  -> upsampler 2{name}", up.sample(x, steps))
 
 
 with torch.no_grad():
